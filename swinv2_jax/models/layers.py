@@ -1,0 +1,222 @@
+"""Swin V2 building blocks as Flax NNX modules (REFERENCE.md, "Backbone" and "Window attention").
+
+Tensors are NHWC. Parameters are float32; matmuls run in the module's compute `dtype`;
+norms, the attention softmax and the cosine-similarity logits are computed in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from swinv2_jax.models import windows as win
+
+Dtype = Any
+Pair = win.Pair
+
+# Dense layers: trunc_normal(0.02) kernels and zero biases, as the official `_init_weights`.
+dense_init = nnx.initializers.truncated_normal(stddev=0.02)
+# logit_scale is clamped at log(1/0.01) with a Python float (a tensor clamp broke graph compilers).
+MAX_LOGIT_SCALE = math.log(1.0 / 0.01)
+LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm default, for parity with the official weights
+
+
+def dense(din: int, dout: int, *, use_bias: bool = True, dtype: Dtype, rngs: nnx.Rngs):
+  return nnx.Linear(din, dout, use_bias=use_bias, kernel_init=dense_init,
+                    bias_init=nnx.initializers.zeros_init(), dtype=dtype,
+                    param_dtype=jnp.float32, rngs=rngs)
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm computed in float32 whatever the input dtype; the output is cast to `dtype`.
+
+  `zero_init` starts scale and bias at 0: the res-post-norm norms of every block start so,
+  which makes each block the identity at init (the official `_init_respostnorm`).
+  """
+
+  def __init__(self, dim: int, *, dtype: Dtype = jnp.float32, zero_init: bool = False):
+    self.scale = nnx.Param(jnp.zeros(dim) if zero_init else jnp.ones(dim))
+    self.bias = nnx.Param(jnp.zeros(dim))
+    self.dtype = dtype
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + LAYER_NORM_EPS)
+    return (y * self.scale[...] + self.bias[...]).astype(self.dtype)
+
+
+def drop_path(x, rate, key):
+  """Stochastic depth per sample (timm semantics, rescaled by 1/keep). `rate` may be traced."""
+  if key is None:
+    return x
+  keep = 1.0 - jnp.asarray(rate, jnp.float32)
+  mask = jax.random.bernoulli(key, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros_like(x))
+
+
+class PatchEmbed(nnx.Module):
+  """Conv k=s=patch, then LayerNorm. No absolute position embedding in Swin V2."""
+
+  def __init__(self, patch_size: int, in_chans: int, embed_dim: int, *, dtype: Dtype,
+               rngs: nnx.Rngs):
+    # Conv weights use the torch default (kaiming-uniform-like); only Linear gets trunc_normal.
+    self.proj = nnx.Conv(in_chans, embed_dim, kernel_size=(patch_size, patch_size),
+                         strides=(patch_size, patch_size), padding="VALID", dtype=dtype,
+                         param_dtype=jnp.float32, rngs=rngs)
+    self.norm = LayerNorm(embed_dim, dtype=dtype)
+
+  def __call__(self, x):
+    return self.norm(self.proj(x))
+
+
+class ContinuousPositionBias(nnx.Module):
+  """Log-spaced continuous position bias: meta MLP over relative coords, then 16*sigmoid.
+
+  The 16*sigmoid follows the official code, not the paper.
+  """
+
+  def __init__(self, window: Pair, pretrained_window: Pair, num_heads: int, *,
+               hidden: int = 512, rngs: nnx.Rngs):
+    self.window = window
+    self.pretrained_window = pretrained_window
+    # The bias MLP always runs in float32: it is tiny and feeds the softmax.
+    self.fc1 = dense(2, hidden, use_bias=True, dtype=jnp.float32, rngs=rngs)
+    self.fc2 = dense(hidden, num_heads, use_bias=False, dtype=jnp.float32, rngs=rngs)
+
+  def __call__(self):
+    table = jnp.asarray(win.relative_coords_table(self.window, self.pretrained_window))
+    bias_table = self.fc2(jax.nn.relu(self.fc1(table.reshape(-1, 2))))  # (T, heads)
+    index = win.relative_position_index(self.window)
+    bias = bias_table[index.reshape(-1)].reshape(*index.shape, -1)  # (N, N, heads)
+    return 16.0 * jax.nn.sigmoid(bias.transpose(2, 0, 1))  # (heads, N, N)
+
+
+def _l2_normalize(x, eps=1e-12):
+  # F.normalize: x / max(||x||, eps).
+  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
+  return x / jnp.maximum(norm, eps)
+
+
+class WindowAttention(nnx.Module):
+  """Scaled cosine attention inside windows, with the continuous position bias.
+
+  `chunks` > 1 is the paper's sequential self-attention (section 3.5): the windows are
+  processed in `chunks` pieces one after another (each rematerialised in the backward pass),
+  so only one piece's (heads, N, N) logits are alive at a time.
+  """
+
+  def __init__(self, dim: int, num_heads: int, window: Pair, pretrained_window: Pair, *,
+               chunks: int = 1, dtype: Dtype, rngs: nnx.Rngs):
+    if dim % num_heads:
+      raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+    self.num_heads = num_heads
+    self.chunks = chunks
+    self.dtype = dtype
+    self.qkv = dense(dim, 3 * dim, use_bias=False, dtype=dtype, rngs=rngs)
+    # Query and value biases are parameters; the key bias is a constant zero (official code).
+    self.q_bias = nnx.Param(jnp.zeros(dim))
+    self.v_bias = nnx.Param(jnp.zeros(dim))
+    self.logit_scale = nnx.Param(jnp.full((num_heads, 1, 1), math.log(10.0)))
+    self.cpb_mlp = ContinuousPositionBias(window, pretrained_window, num_heads, rngs=rngs)
+    self.proj = dense(dim, dim, dtype=dtype, rngs=rngs)
+
+  def _attend(self, x, mask, position_bias):
+    """x: (b, nW, N, C) windows; mask: (nW, N, N) or None."""
+    b, nw, n, c = x.shape
+    heads = self.num_heads
+    qkv_bias = jnp.concatenate(
+        [self.q_bias[...], jnp.zeros_like(self.v_bias[...]), self.v_bias[...]])
+    qkv = self.qkv(x) + qkv_bias.astype(self.dtype)
+    qkv = qkv.reshape(b, nw, n, 3, heads, c // heads)
+    q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]  # (b, nW, N, h, d)
+    q = _l2_normalize(q.astype(jnp.float32)).astype(self.dtype)
+    k = _l2_normalize(k.astype(jnp.float32)).astype(self.dtype)
+    # Cosine similarities accumulate in float32: at a logit scale of up to 100, bf16 logits
+    # would be quantised to steps of 0.5.
+    logits = jnp.einsum("bwnhd,bwmhd->bwhnm", q, k, preferred_element_type=jnp.float32)
+    scale = jnp.exp(jnp.minimum(self.logit_scale[...], MAX_LOGIT_SCALE))
+    logits = logits * scale + position_bias
+    if mask is not None:
+      logits = logits + mask[:, None]
+    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    out = jnp.einsum("bwhnm,bwmhd->bwnhd", probs, v)
+    return self.proj(out.reshape(b, nw, n, c))
+
+  def __call__(self, x, mask: np.ndarray | None):
+    position_bias = self.cpb_mlp()
+    if self.chunks == 1:
+      return self._attend(x, None if mask is None else jnp.asarray(mask), position_bias)
+    b, nw, n, c = x.shape
+    per = nw // self.chunks
+    xs = x.reshape(b, self.chunks, per, n, c).swapaxes(0, 1)
+    masks = None if mask is None else jnp.asarray(mask).reshape(self.chunks, per, n, n)
+
+    @jax.checkpoint
+    def piece(args):
+      xc, mc = args
+      return self._attend(xc, mc, position_bias)
+
+    out = jax.lax.map(piece, (xs, masks))
+    return out.swapaxes(0, 1).reshape(b, nw, n, c)
+
+
+class Mlp(nnx.Module):
+  def __init__(self, dim: int, hidden: int, *, dtype: Dtype, rngs: nnx.Rngs):
+    self.fc1 = dense(dim, hidden, dtype=dtype, rngs=rngs)
+    self.fc2 = dense(hidden, dim, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x):
+    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))  # exact GELU, as torch
+
+
+class SwinV2Block(nnx.Module):
+  """Res-post-norm block: x + DP(norm1(attn(shift(x)))), then x + DP(norm2(mlp(x)))."""
+
+  def __init__(self, dim: int, num_heads: int, feat_size: Pair, window: Pair, shift: Pair,
+               pretrained_window: Pair, *, mlp_ratio: float = 4.0, attention_chunks: int = 1,
+               dtype: Dtype, rngs: nnx.Rngs):
+    self.feat_size = feat_size
+    self.window, self.shift = win.clamp_window(feat_size, window, shift)
+    num_windows = (feat_size[0] // self.window[0]) * (feat_size[1] // self.window[1])
+    if num_windows % attention_chunks:
+      raise ValueError(
+          f"attention_chunks={attention_chunks} must divide the {num_windows} windows of a "
+          f"{feat_size[0]}x{feat_size[1]} feature map with window {self.window}")
+    self.attn = WindowAttention(dim, num_heads, self.window, pretrained_window,
+                                chunks=attention_chunks, dtype=dtype, rngs=rngs)
+    self.norm1 = LayerNorm(dim, dtype=dtype, zero_init=True)
+    self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
+    self.norm2 = LayerNorm(dim, dtype=dtype, zero_init=True)
+
+  def __call__(self, x, drop_rate=0.0, key=None):
+    keys = (None, None) if key is None else tuple(jax.random.split(key))
+    sh, sw = self.shift
+    shifted = jnp.roll(x, (-sh, -sw), axis=(1, 2)) if (sh or sw) else x
+    windows = win.partition_windows(shifted, self.window)
+    mask = win.shift_attention_mask(self.feat_size, self.window, self.shift)
+    attended = win.merge_windows(self.attn(windows, mask), self.window, self.feat_size)
+    if sh or sw:
+      attended = jnp.roll(attended, (sh, sw), axis=(1, 2))
+    x = x + drop_path(self.norm1(attended), drop_rate, keys[0])
+    return x + drop_path(self.norm2(self.mlp(x)), drop_rate, keys[1])
+
+
+class PatchMerging(nnx.Module):
+  """V2 order: concat the 2x2 neighbours -> Dense(4C -> 2C, no bias) -> LayerNorm(2C)."""
+
+  def __init__(self, dim: int, *, dtype: Dtype, rngs: nnx.Rngs):
+    self.reduction = dense(4 * dim, 2 * dim, use_bias=False, dtype=dtype, rngs=rngs)
+    self.norm = LayerNorm(2 * dim, dtype=dtype)
+
+  def __call__(self, x):
+    # Channel order x(0::2,0::2), x(1::2,0::2), x(0::2,1::2), x(1::2,1::2) as the official code.
+    x = jnp.concatenate(
+        [x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], axis=-1)
+    return self.norm(self.reduction(x))

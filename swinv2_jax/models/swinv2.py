@@ -1,0 +1,237 @@
+"""The Swin Transformer V2 backbone and classifier (Liu et al., CVPR 2022).
+
+Layout follows the official code: a patch embedding, four stages of blocks, a PatchMerging at
+the end of stages 0..2, a final LayerNorm, average pooling and a linear head.
+
+Inside a stage the blocks are stored stacked, in groups that repeat exactly (a plain block
+followed by a shifted one; for H/G six blocks and the extra norm of paper section 3.6), and
+run with `jax.lax.scan`, so compile time and program size stay flat with depth.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from swinv2_jax.models import layers
+from swinv2_jax.models import windows as win
+
+Dtype = Any
+
+# Rematerialisation policies by name (jax.checkpoint_policies); None = keep all activations.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def per_stage(value, num_stages: int, name: str) -> list:
+  """Broadcasts a scalar setting to every stage, or checks a per-stage sequence's length."""
+  if isinstance(value, (str, int, float, np.integer)):
+    return [value] * num_stages
+  value = list(value)
+  if len(value) != num_stages:
+    raise ValueError(f"{name} needs one value per stage ({num_stages}), got {value}")
+  return value
+
+
+class BlockGroup(nnx.Module):
+  """`size` consecutive blocks, plain then shifted alternately, and an optional extra norm."""
+
+  def __init__(self, size: int, *, extra_norm: bool, dim: int, window: win.Pair,
+               dtype: Dtype, rngs: nnx.Rngs, **block_kwargs):
+    shift = (window[0] // 2, window[1] // 2)
+    self.blocks = nnx.List([
+        layers.SwinV2Block(dim, window=window, shift=shift if j % 2 else (0, 0),
+                           dtype=dtype, rngs=rngs, **block_kwargs)
+        for j in range(size)
+    ])
+    # Paper 3.6: H and G add a LayerNorm on the main branch every 6 blocks.
+    self.extra_norm = layers.LayerNorm(dim, dtype=dtype) if extra_norm else None
+
+  def __call__(self, x, drop_rates, key):
+    keys = [None] * len(self.blocks) if key is None else jax.random.split(key, len(self.blocks))
+    for j, block in enumerate(self.blocks):
+      x = block(x, drop_rates[j], keys[j])
+    if self.extra_norm is not None:
+      x = self.extra_norm(x)
+    return x
+
+
+def _checkpointed(fn, remat: str):
+  policy = REMAT_POLICIES[remat]
+  if remat == "none":
+    return fn
+  return jax.checkpoint(fn, policy=policy, prevent_cse=False)
+
+
+class SwinV2Stage(nnx.Module):
+  """One stage: `depth` blocks at one resolution, then (stages 0..2) a PatchMerging."""
+
+  def __init__(self, dim: int, depth: int, num_heads: int, feat_size: win.Pair,
+               window: win.Pair, pretrained_window: win.Pair, *, drop_path_rates: Sequence[float],
+               downsample: bool, extra_norm_period: int, mlp_ratio: float,
+               attention_chunks: int, remat: str, dtype: Dtype, rngs: nnx.Rngs):
+    if remat not in REMAT_POLICIES:
+      raise ValueError(f"unknown remat policy {remat!r}; choose from {sorted(REMAT_POLICIES)}")
+    self.remat = remat
+    period = extra_norm_period
+    group_size = period if period and depth >= period else 2
+    num_groups = depth // group_size
+    tail_size = depth - num_groups * group_size
+    group_kwargs = dict(dim=dim, num_heads=num_heads, feat_size=feat_size, window=window,
+                        pretrained_window=pretrained_window, mlp_ratio=mlp_ratio,
+                        attention_chunks=attention_chunks, dtype=dtype)
+    rates = np.asarray(drop_path_rates, np.float32)
+    self.group_drop_rates = rates[:num_groups * group_size].reshape(num_groups, group_size)
+    self.tail_drop_rates = rates[num_groups * group_size:]
+    make_groups = nnx.vmap(
+        lambda key: BlockGroup(group_size, extra_norm=bool(period) and group_size == period,
+                               rngs=nnx.Rngs(params=key), **group_kwargs),
+        in_axes=0, out_axes=0)
+    self.groups = make_groups(jax.random.split(rngs.params(), num_groups)) if num_groups else None
+    self.tail = (BlockGroup(tail_size, extra_norm=False, rngs=rngs, **group_kwargs)
+                 if tail_size else None)
+    self.downsample = layers.PatchMerging(dim, dtype=dtype, rngs=rngs) if downsample else None
+
+  @property
+  def blocks_per_group(self) -> int:
+    return self.group_drop_rates.shape[1]
+
+  def run_blocks(self, x, key=None):
+    groups_key, tail_key = (None, None) if key is None else jax.random.split(key)
+    if self.groups is not None:
+      graphdef, state = nnx.split(self.groups)
+      num_groups = self.group_drop_rates.shape[0]
+      keys = None if groups_key is None else jax.random.split(groups_key, num_groups)
+
+      def group_step(carry, xs):
+        group_state, rates, group_key = xs
+        return nnx.merge(graphdef, group_state)(carry, rates, group_key), None
+
+      x, _ = jax.lax.scan(_checkpointed(group_step, self.remat), x,
+                          (state, jnp.asarray(self.group_drop_rates), keys))
+    if self.tail is not None:
+      graphdef, state = nnx.split(self.tail)
+      tail_rates = jnp.asarray(self.tail_drop_rates)
+
+      def tail_step(tail_state, x, tail_key):
+        return nnx.merge(graphdef, tail_state)(x, tail_rates, tail_key)
+
+      x = _checkpointed(tail_step, self.remat)(state, x, tail_key)
+    return x
+
+
+class SwinTransformerV2(nnx.Module):
+  """Swin Transformer V2 classifier over NHWC float images.
+
+  Per-stage settings (`window_size`, `pretrained_window_sizes`, `attention_chunks`, `remat`)
+  take one value for all stages or one per stage; a window may be an int or an (h, w) pair.
+  `pretrained_window_sizes` of 0 means "normalise the position table by this window".
+  """
+
+  def __init__(self, *, img_size: int | Sequence[int] = 256, patch_size: int = 4,
+               in_chans: int = 3, num_classes: int = 1000, embed_dim: int = 96,
+               depths: Sequence[int] = (2, 2, 6, 2), num_heads: Sequence[int] = (3, 6, 12, 24),
+               window_size=8, pretrained_window_sizes=0, mlp_ratio: float = 4.0,
+               drop_path_rate: float = 0.1, extra_norm_period: int = 0, attention_chunks=1,
+               remat="none", dtype: Dtype = jnp.float32, rngs: nnx.Rngs | int = 0):
+    if isinstance(rngs, int):
+      rngs = nnx.Rngs(params=rngs)
+    if len(depths) != len(num_heads):
+      raise ValueError(f"depths {tuple(depths)} and num_heads {tuple(num_heads)} differ in length")
+    if extra_norm_period % 2:
+      raise ValueError(f"extra_norm_period must be even (0 disables), got {extra_norm_period}")
+    num_stages = len(depths)
+    self.img_size = win.to_pair(img_size)
+    self.patch_size = patch_size
+    self.num_classes = num_classes
+    self.depths = tuple(int(d) for d in depths)
+    self.dtype = dtype
+    self.drop_path_rate = float(drop_path_rate)
+    self.deterministic = False
+    windows = self._stage_windows(window_size, num_stages)
+    pretrained = [win.to_pair(w) for w in per_stage(pretrained_window_sizes, num_stages,
+                                                     "pretrained_window_sizes")]
+    chunks = per_stage(attention_chunks, num_stages, "attention_chunks")
+    remats = per_stage(remat, num_stages, "remat")
+    feat_sizes = win.stage_feature_sizes(self.img_size, patch_size, num_stages)
+    win.check_input_size(self.img_size, patch_size, windows)
+    self.stage_windows = tuple(windows)
+
+    self.patch_embed = layers.PatchEmbed(patch_size, in_chans, embed_dim, dtype=dtype, rngs=rngs)
+    # Stochastic depth: linspace(0, rate, all blocks), as the official code.
+    rates = np.linspace(0.0, drop_path_rate, sum(self.depths))
+    stages = []
+    for i, depth in enumerate(self.depths):
+      start = sum(self.depths[:i])
+      stages.append(SwinV2Stage(
+          embed_dim * 2**i, depth, num_heads[i], feat_sizes[i], windows[i], pretrained[i],
+          drop_path_rates=rates[start:start + depth], downsample=i < num_stages - 1,
+          extra_norm_period=extra_norm_period, mlp_ratio=mlp_ratio,
+          attention_chunks=int(chunks[i]), remat=str(remats[i]), dtype=dtype, rngs=rngs))
+    self.stages = nnx.List(stages)
+    self.num_features = embed_dim * 2**(num_stages - 1)
+    self.norm = layers.LayerNorm(self.num_features, dtype=dtype)
+    self.head = (layers.dense(self.num_features, num_classes, dtype=dtype, rngs=rngs)
+                 if num_classes > 0 else None)
+
+  @staticmethod
+  def _stage_windows(window_size, num_stages: int) -> list[win.Pair]:
+    """A window setting: int, (h, w) pair for all stages, or one int/pair per stage."""
+    if isinstance(window_size, int):
+      return [win.to_pair(window_size)] * num_stages
+    window_size = list(window_size)
+    if len(window_size) == num_stages:
+      return [win.to_pair(w) for w in window_size]
+    if len(window_size) == 2 and all(isinstance(w, int) for w in window_size):
+      return [win.to_pair(window_size)] * num_stages
+    raise ValueError(f"window_size must be an int, an (h, w) pair or one per stage "
+                     f"({num_stages}), got {window_size}")
+
+  def _stage_keys(self, rng):
+    if rng is None or self.deterministic or self.drop_path_rate == 0.0:
+      return [None] * len(self.stages)
+    return list(jax.random.split(rng, len(self.stages)))
+
+  def _check_input(self, x):
+    if x.ndim != 4 or tuple(x.shape[1:3]) != self.img_size:
+      raise ValueError(f"expected NHWC images of size {self.img_size}, got shape {x.shape}; "
+                       f"build the model with img_size={tuple(x.shape[1:3])} to run at that size")
+
+  def stage_features(self, x, *, rng=None, token_mask=None, mask_token=None):
+    """Per-stage maps [(B, H/4, W/4, C), (B, H/8, W/8, 2C), ...]: each stage's block output
+    before its PatchMerging; the last one is followed by `norm` in `features`.
+
+    `token_mask` (B, H/4, W/4) in {0, 1} replaces masked tokens by `mask_token` (SimMIM).
+    `rng` drives stochastic depth in training mode; after `model.eval()` it is ignored.
+    """
+    self._check_input(x)
+    x = self.patch_embed(x.astype(self.dtype))
+    if token_mask is not None:
+      weight = token_mask[..., None].astype(x.dtype)
+      x = x * (1 - weight) + mask_token.astype(x.dtype) * weight
+    maps = []
+    for stage, key in zip(self.stages, self._stage_keys(rng)):
+      x = stage.run_blocks(x, key)
+      maps.append(x)
+      if stage.downsample is not None:
+        x = stage.downsample(x)
+    return maps
+
+  def features(self, x, *, rng=None):
+    """Final pooled features (B, num_features), after the last LayerNorm."""
+    return self.norm(self.stage_features(x, rng=rng)[-1]).mean(axis=(1, 2))
+
+  def __call__(self, x, *, rng=None):
+    """Logits (B, num_classes) in float32 (pooled features when num_classes == 0)."""
+    pooled = self.features(x, rng=rng)
+    if self.head is None:
+      return pooled.astype(jnp.float32)
+    return self.head(pooled).astype(jnp.float32)

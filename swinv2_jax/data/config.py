@@ -19,17 +19,19 @@ def default_data_config(name: str = 'imagenet2012') -> ml_collections.ConfigDict
   """
   c = ml_collections.ConfigDict()
   c.name = name  # a tfds name ('digits', 'imagenet2012', 'name/config:1.0.0') or 'folder'
-  c.data_dir = config_dict.placeholder(str)  # tfds data_dir; None = tfds default (~/tensorflow_datasets or $TFDS_DATA_DIR)
-  c.manual_dir = config_dict.placeholder(str)  # where manual-download archives live (only named in error messages)
-  c.folder = config_dict.placeholder(str)  # name='folder': root/<split>/<class>/<image>, or root/<class>/<image>
+  c.data_dir = config_dict.placeholder(str)  # None: $TFDS_DATA_DIR or ~/tensorflow_datasets
+  c.manual_dir = config_dict.placeholder(str)  # manual archives (named in the prepare command)
+  # name='folder': root/<split>/<class>/<image>, or root/<class>/<image> with an eval fraction
+  c.folder = config_dict.placeholder(str)
   c.folder_eval_fraction = 0.0  # > 0: root holds class folders; this fraction per class is eval
   c.image_key = 'image'
   c.label_key = 'label'
   c.train_split = 'train'
-  c.eval_split = config_dict.placeholder(str)  # None: 'validation' if the data set has it, else 'test' ('val' for folder)
+  # None: 'validation' if the data set has it, else 'test'
+  c.eval_split = config_dict.placeholder(str)
   c.num_workers = 0  # grain worker processes; 0 reads in this process (with threads)
   c.prefetch = 2  # batches buffered per worker (or by the in-process reader)
-  c.shuffle_seed = config_dict.placeholder(int)  # None: the shuffle order follows the `seed` passed to the iterator
+  c.shuffle_seed = config_dict.placeholder(int)  # None: the iterator's `seed` sets the order too
   # Augmentation (timm create_transform, as in the official Swin build_transform).
   c.randaugment = 'rand-m9-mstd0.5-inc1'  # '' = none
   c.hflip = True
@@ -38,6 +40,7 @@ def default_data_config(name: str = 'imagenet2012') -> ml_collections.ConfigDict
   c.rrc_ratio = (3.0 / 4.0, 4.0 / 3.0)
   c.simmim_rrc_scale = (0.67, 1.0)  # SimMIM pretraining crop (data_simmim_pt.py)
   c.interpolation = 'bicubic'
+  c.simmim_interpolation = 'bilinear'  # data_simmim_pt.py keeps torchvision's default
   c.eval_crop_ratio = 0.875  # resize shorter side to int(size / ratio), then center crop
   c.mean = IMAGENET_MEAN
   c.std = IMAGENET_STD
@@ -64,7 +67,12 @@ def _fail(key, msg):
 
 
 def _is_pair(v):
-  return isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(x, (int, float)) for x in v)
+  return _is_floats(v, 2)
+
+
+def _is_floats(v, n):
+  return (isinstance(v, (tuple, list)) and len(v) == n
+          and all(isinstance(x, (int, float)) for x in v))
 
 
 def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
@@ -95,7 +103,8 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
   if cfg.shuffle_seed is not None and not isinstance(cfg.shuffle_seed, int):
     _fail('shuffle_seed', f'must be an int or None, got {cfg.shuffle_seed!r}')
   if not isinstance(cfg.randaugment, str):
-    _fail('randaugment', f'must be "" or a timm string like "rand-m9-mstd0.5-inc1", got {cfg.randaugment!r}')
+    _fail('randaugment',
+          f'must be "" or a timm string like "rand-m9-mstd0.5-inc1", got {cfg.randaugment!r}')
   if cfg.randaugment:
     RandAugment.from_string(cfg.randaugment)  # raises 'data.randaugment: ...'
   if not isinstance(cfg.hflip, bool):
@@ -108,13 +117,14 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
       _fail(key, f'must be (lo, hi) with 0 < lo <= hi <= 1, got {v!r}')
   if not _is_pair(cfg.rrc_ratio) or not 0.0 < cfg.rrc_ratio[0] <= cfg.rrc_ratio[1]:
     _fail('rrc_ratio', f'must be (lo, hi) with 0 < lo <= hi, got {cfg.rrc_ratio!r}')
-  if cfg.interpolation not in INTERPOLATIONS:
-    _fail('interpolation', f'must be one of {INTERPOLATIONS}, got {cfg.interpolation!r}')
+  for key in ('interpolation', 'simmim_interpolation'):
+    if cfg[key] not in INTERPOLATIONS:
+      _fail(key, f'must be one of {INTERPOLATIONS}, got {cfg[key]!r}')
   if not 0.0 < cfg.eval_crop_ratio <= 1.0:
     _fail('eval_crop_ratio', f'must be in (0, 1], got {cfg.eval_crop_ratio}')
   for key in ('mean', 'std'):
     v = cfg[key]
-    if not isinstance(v, (tuple, list)) or len(v) != 3 or not all(isinstance(x, (int, float)) for x in v):
+    if not _is_floats(v, 3):
       _fail(key, f'must be 3 floats (RGB, images scaled to [0, 1]), got {v!r}')
   if min(cfg.std) <= 0:
     _fail('std', f'must be positive, got {cfg.std!r}')

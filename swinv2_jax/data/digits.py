@@ -4,7 +4,7 @@
 (8, 8, 1): the original 0..16 intensities are rescaled to 0..255 (round(v * 255 / 16)) so that
 the usual uint8 -> float pipeline applies unchanged; the input pipeline turns them into 3 channels.
 Splits: `test` is a fixed stratified 20% (360 images, 36 per class), `train` the remaining 1,437.
-No download: `tfds.builder('digits', data_dir=d, file_format='array_record').download_and_prepare()`.
+No download: tfds.builder('digits', data_dir=d, file_format='array_record').download_and_prepare().
 """
 
 import io
@@ -17,7 +17,8 @@ NUM_TEST = 360
 _SPLIT_SEED = 20220401  # fixed: the test split must never change between versions of this code
 
 
-def stratified_test_indices(labels: np.ndarray, num_test: int, seed: int = _SPLIT_SEED) -> np.ndarray:
+def stratified_test_indices(labels: np.ndarray, num_test: int,
+                            seed: int = _SPLIT_SEED) -> np.ndarray:
   """Sorted indices of a stratified held-out set of exactly `num_test` examples.
 
   Per-class quotas by largest remainder, members drawn from a seeded PCG64 permutation (numpy

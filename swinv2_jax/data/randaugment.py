@@ -23,11 +23,13 @@ def _signed(rng, v):
 
 
 def _affine(img, coeffs, ctx):
-  return img.transform(img.size, Image.Transform.AFFINE, coeffs, resample=ctx['resample'], fillcolor=ctx['fill'])
+  return img.transform(img.size, Image.Transform.AFFINE, coeffs, resample=ctx['resample'],
+                       fillcolor=ctx['fill'])
 
 
 def _rotate(img, m, rng, ctx):
-  return img.rotate(_signed(rng, m / _MAX_LEVEL * 30.0), resample=ctx['resample'], fillcolor=ctx['fill'])
+  degrees = _signed(rng, m / _MAX_LEVEL * 30.0)
+  return img.rotate(degrees, resample=ctx['resample'], fillcolor=ctx['fill'])
 
 
 def _shear_x(img, m, rng, ctx):
@@ -39,11 +41,13 @@ def _shear_y(img, m, rng, ctx):
 
 
 def _translate_x_rel(img, m, rng, ctx):
-  return _affine(img, (1, 0, _signed(rng, m / _MAX_LEVEL * _TRANSLATE_PCT) * img.width, 0, 1, 0), ctx)
+  pixels = _signed(rng, m / _MAX_LEVEL * _TRANSLATE_PCT) * img.width
+  return _affine(img, (1, 0, pixels, 0, 1, 0), ctx)
 
 
 def _translate_y_rel(img, m, rng, ctx):
-  return _affine(img, (1, 0, 0, 0, 1, _signed(rng, m / _MAX_LEVEL * _TRANSLATE_PCT) * img.height), ctx)
+  pixels = _signed(rng, m / _MAX_LEVEL * _TRANSLATE_PCT) * img.height
+  return _affine(img, (1, 0, 0, 0, 1, pixels), ctx)
 
 
 def _enhancer(cls):
@@ -54,10 +58,17 @@ def _enhancer(cls):
   return op
 
 
+def _posterize(img, bits):
+  if bits >= 8:
+    return img
+  if bits <= 0:  # keeping 0 bits is all black; Pillow >= 11 refuses bits=0
+    return img.point([0] * 256 * len(img.getbands()))
+  return ImageOps.posterize(img, bits)
+
+
 def _posterize_increasing(img, m, rng, ctx):
   del rng, ctx
-  bits = 4 - int(m / _MAX_LEVEL * 4)
-  return img if bits >= 8 else ImageOps.posterize(img, bits)
+  return _posterize(img, 4 - int(m / _MAX_LEVEL * 4))
 
 
 def _solarize_increasing(img, m, rng, ctx):
@@ -82,8 +93,7 @@ def _enhancer_original(cls):
 
 def _posterize_original(img, m, rng, ctx):
   del rng, ctx
-  bits = int(m / _MAX_LEVEL * 4)
-  return img if bits >= 8 else ImageOps.posterize(img, bits)
+  return _posterize(img, int(m / _MAX_LEVEL * 4))
 
 
 def _solarize_original(img, m, rng, ctx):

@@ -29,9 +29,9 @@ def to_rgb_pil(image: np.ndarray) -> Image.Image:
 
 
 def random_resized_crop_box(rng: np.random.Generator, width: int, height: int, scale, ratio):
-  """(left, top, w, h) of a crop with random area fraction in `scale` and log-uniform aspect in `ratio`.
+  """(left, top, w, h): area fraction uniform in `scale`, aspect log-uniform in `ratio`.
 
-  torchvision/timm RandomResizedCrop: 10 tries, then a center crop with the aspect clamped to `ratio`.
+  torchvision/timm RandomResizedCrop: 10 tries, then a center crop with the aspect clamped.
   """
   area = width * height
   log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
@@ -54,13 +54,16 @@ def random_resized_crop_box(rng: np.random.Generator, width: int, height: int, s
   return (width - w) // 2, (height - h) // 2, w, h
 
 
-def random_resized_crop(rng, img: Image.Image, size_hw, scale, ratio, interpolation='bicubic') -> Image.Image:
+def random_resized_crop(rng, img: Image.Image, size_hw, scale, ratio,
+                        interpolation='bicubic') -> Image.Image:
   left, top, w, h = random_resized_crop_box(rng, img.width, img.height, scale, ratio)
-  return img.resize((size_hw[1], size_hw[0]), PIL_RESAMPLE[interpolation], box=(left, top, left + w, top + h))
+  return img.resize((size_hw[1], size_hw[0]), PIL_RESAMPLE[interpolation],
+                    box=(left, top, left + w, top + h))
 
 
-def resize_center_crop(img: Image.Image, size_hw, crop_ratio: float, interpolation='bicubic') -> Image.Image:
-  """Official eval (TEST.CROP=True): resize to cover int(size / crop_ratio) keeping aspect, center crop.
+def resize_center_crop(img: Image.Image, size_hw, crop_ratio: float,
+                       interpolation='bicubic') -> Image.Image:
+  """Official eval (TEST.CROP=True): resize to cover int(size / ratio) keeping aspect, center crop.
 
   For a square size this is exactly `Resize(int(size / ratio))` (shorter side) + `CenterCrop(size)`.
   """
@@ -78,8 +81,12 @@ def resize_center_crop(img: Image.Image, size_hw, crop_ratio: float, interpolati
 
 
 def normalize(img: Image.Image, mean, std) -> np.ndarray:
-  x = np.asarray(img, dtype=np.float32) * np.float32(1.0 / 255.0)
-  return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+  """(x / 255 - mean) / std as one multiply and one subtract, in place (float32 [H, W, 3])."""
+  std = np.asarray(std, np.float64)
+  x = np.array(img, dtype=np.float32)
+  x *= (1.0 / (255.0 * std)).astype(np.float32)
+  x -= (np.asarray(mean, np.float64) / std).astype(np.float32)
+  return x
 
 
 def random_erase(rng: np.random.Generator, x: np.ndarray, prob: float,
@@ -129,7 +136,8 @@ def check_mask_config(height, width, mask_patch_size, model_patch_size, mask_rat
     raise ValueError(f'mask.mask_patch_size: image size {height}x{width} is not a multiple of '
                      f'mask_patch_size {mask_patch_size}')
   if mask_patch_size % model_patch_size:
-    raise ValueError(f'mask.model_patch_size: mask_patch_size {mask_patch_size} is not a multiple of '
+    raise ValueError(f'mask.model_patch_size: mask_patch_size {mask_patch_size} is not a '
+                     'multiple of '
                      f'model_patch_size {model_patch_size}')
   if not 0.0 < mask_ratio < 1.0:
     raise ValueError(f'mask.mask_ratio: must be in (0, 1), got {mask_ratio}')

@@ -88,9 +88,12 @@ class SwinV2Stage(nnx.Module):
     group_kwargs = dict(dim=dim, num_heads=num_heads, feat_size=feat_size, window=window,
                         pretrained_window=pretrained_window, mlp_ratio=mlp_ratio,
                         attention_chunks=attention_chunks, dtype=dtype)
-    rates = np.asarray(drop_path_rates, np.float32)
-    self.group_drop_rates = rates[:num_groups * group_size].reshape(num_groups, group_size)
-    self.tail_drop_rates = rates[num_groups * group_size:]
+    # Static tuples (not arrays) so they stay out of the state pytree.
+    rates = [float(r) for r in drop_path_rates]
+    self.num_groups, self.blocks_per_group = num_groups, group_size
+    self.group_drop_rates = tuple(tuple(rates[g * group_size:(g + 1) * group_size])
+                                  for g in range(num_groups))
+    self.tail_drop_rates = tuple(rates[num_groups * group_size:])
     make_groups = nnx.vmap(
         lambda key: BlockGroup(group_size, extra_norm=bool(period) and group_size == period,
                                rngs=nnx.Rngs(params=key), **group_kwargs),
@@ -100,26 +103,21 @@ class SwinV2Stage(nnx.Module):
                  if tail_size else None)
     self.downsample = layers.PatchMerging(dim, dtype=dtype, rngs=rngs) if downsample else None
 
-  @property
-  def blocks_per_group(self) -> int:
-    return self.group_drop_rates.shape[1]
-
   def run_blocks(self, x, key=None):
     groups_key, tail_key = (None, None) if key is None else jax.random.split(key)
     if self.groups is not None:
       graphdef, state = nnx.split(self.groups)
-      num_groups = self.group_drop_rates.shape[0]
-      keys = None if groups_key is None else jax.random.split(groups_key, num_groups)
+      keys = None if groups_key is None else jax.random.split(groups_key, self.num_groups)
 
       def group_step(carry, xs):
         group_state, rates, group_key = xs
         return nnx.merge(graphdef, group_state)(carry, rates, group_key), None
 
       x, _ = jax.lax.scan(_checkpointed(group_step, self.remat), x,
-                          (state, jnp.asarray(self.group_drop_rates), keys))
+                          (state, jnp.asarray(self.group_drop_rates, jnp.float32), keys))
     if self.tail is not None:
       graphdef, state = nnx.split(self.tail)
-      tail_rates = jnp.asarray(self.tail_drop_rates)
+      tail_rates = jnp.asarray(self.tail_drop_rates, jnp.float32)
 
       def tail_step(tail_state, x, tail_key):
         return nnx.merge(graphdef, tail_state)(x, tail_rates, tail_key)

@@ -1,0 +1,229 @@
+"""The run configuration: every key with its default, and the checks applied before a run.
+
+Config files (configs/*.py) start from `base_config()` and change values; a key that is not
+here is an error, and so is a bad value: one line that names the key.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+from swinv2_jax import data as data_lib
+from swinv2_jax import models
+from swinv2_jax.models import windows as win
+from swinv2_jax.models.swinv2 import REMAT_POLICIES, SwinTransformerV2
+
+STAGES = ("pretrain", "finetune", "eval")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _train_stage(**overrides) -> ml_collections.ConfigDict:
+  """Settings shared by the SimMIM pretraining and the fine-tuning stage."""
+  stage = ml_collections.ConfigDict(dict(
+      img_size=192,
+      window_size=12,                # int, or one per model stage
+      pretrained_window_sizes=0,     # int, or one per model stage (0 = own window)
+      batch_size=128,                # global, over all processes
+      steps=1000,
+      warmup_steps=100,
+      base_lr=1e-4,                  # per 512 images: lr = base_lr * batch_size / 512
+      warmup_lr=5e-7,                # per 512 images, as base_lr
+      min_lr=5e-6,                   # per 512 images, as base_lr
+      weight_decay=0.05,
+      layer_decay=1.0,
+      clip_grad=5.0,
+      drop_path_rate=0.1,
+      betas=(0.9, 0.999),
+      log_every=50,
+      checkpoint_every=1000,
+  ), type_safe=False)  # per-stage settings may be an int or a tuple
+  stage.update(overrides)
+  return stage
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.stages = STAGES                  # which stages run, in this order
+  c.eval_only = False                # evaluate only: eval_checkpoint, else the latest fine-tune
+  c.eval_checkpoint = ""             # orbax params dir, or official .pth / .safetensors
+  c.dry_run = False                  # build, compile and print the memory plan; train nothing
+
+  c.model = ml_collections.ConfigDict(dict(
+      name="swinv2_tiny_window8_256",  # preset (swinv2_jax.models.list_models())
+      embed_dim=config_dict.placeholder(int),
+      depths=config_dict.placeholder(tuple),
+      num_heads=config_dict.placeholder(tuple),
+      patch_size=4,
+      extra_norm_period=config_dict.placeholder(int),
+      dtype="float32",               # compute dtype; params stay float32
+      remat="none",                  # per model stage or one: none, full, dots, dots_no_batch
+      attention_chunks=1,            # sequential attention: pieces per model stage
+  ), type_safe=False)
+
+  c.data = data_lib.default_data_config("imagenet2012")
+
+  c.pretrain = _train_stage(
+      mask_patch_size=32, mask_ratio=0.6,
+      norm_target_window=47,         # 0 = raw pixel targets
+  )
+  c.finetune = _train_stage(
+      img_size=224, window_size=14, pretrained_window_sizes=(12, 12, 12, 6),
+      base_lr=1.25e-3, warmup_lr=2.5e-7, min_lr=2.5e-6, layer_decay=0.75,
+      init="pretrain",               # 'pretrain', 'scratch', or a .pth/.safetensors/orbax path
+      drop_head=True,                # when init is a checkpoint with another head
+      ema_decay=0.0,                 # 0 disables the EMA of the weights
+      eval_every=0,                  # steps; 0 = only at the end
+  )
+  c.eval = ml_collections.ConfigDict(dict(batch_size=128))
+
+  c.mesh = ml_collections.ConfigDict(dict(
+      axes=("data",),
+      shape=(-1,),                   # one -1 takes the remaining devices
+      zero_stage=1,
+      # Regex on the parameter path -> 'auto' (largest divisible dim), 'replicate' or a spec.
+      rules=((".*", "auto"),),
+  ))
+  c.checkpoint = ml_collections.ConfigDict(dict(keep=2, use_async=True))
+  c.distributed = ml_collections.ConfigDict(dict(
+      coordinator_address="",        # host:port; '' = automatic (TPU, SLURM) or single process
+      num_processes=0,
+      process_id=-1,
+  ))
+  c.plan = ml_collections.ConfigDict(dict(
+      num_devices=8,                 # the mesh a dry run compiles for, on fake CPU devices
+      per_device_batch=1,
+      stage="finetune",              # which training stage's step the plan compiles
+  ))
+  return c
+
+
+class ConfigError(ValueError):
+  """A bad configuration value; the message names the key."""
+
+
+def _fail(key: str, message: str):
+  raise ConfigError(f"config.{key}: {message}")
+
+
+def _check_keys(config, reference, prefix=""):
+  for key in config.keys():
+    if key not in reference:
+      _fail(prefix + key, f"unknown key (known: {', '.join(sorted(reference.keys()))})")
+    value, ref = config[key], reference[key]
+    if isinstance(ref, ml_collections.ConfigDict) and prefix + key != "data":
+      if not isinstance(value, ml_collections.ConfigDict):
+        _fail(prefix + key, "must be a group of settings")
+      _check_keys(value, ref, prefix + key + ".")
+
+
+def _per_stage(key, value, num_stages, kind, allowed=None):
+  values = [value] * num_stages if isinstance(value, kind) else list(value)
+  if len(values) != num_stages or not all(isinstance(v, kind) for v in values):
+    _fail(key, f"one {kind.__name__} or one per model stage ({num_stages}), got {value!r}")
+  if allowed is not None:
+    for v in values:
+      if v not in allowed:
+        _fail(key, f"{v!r} is not one of {sorted(allowed)}")
+  return values
+
+
+def _positive(config, key, *, allow_zero=False, kind=(int, float)):
+  value = config
+  for part in key.split("."):
+    value = value[part]
+  if not isinstance(value, kind) or isinstance(value, bool) or value < 0 or (
+      value == 0 and not allow_zero):
+    _fail(key, f"must be a {'non-negative' if allow_zero else 'positive'} number, got {value!r}")
+
+
+def model_args(config, stage: str) -> dict:
+  """SwinTransformerV2 arguments for a training stage (or 'eval', which uses fine-tune sizes)."""
+  m = config.model
+  sizes = config.finetune if stage == "eval" else config[stage]
+  args = dict(patch_size=m.patch_size, img_size=sizes.img_size, window_size=sizes.window_size,
+              pretrained_window_sizes=sizes.pretrained_window_sizes,
+              remat=m.remat, attention_chunks=m.attention_chunks)
+  for key in ("embed_dim", "depths", "num_heads", "extra_norm_period"):
+    if m[key] is not None:
+      args[key] = m[key]
+  args["drop_path_rate"] = 0.0 if stage == "eval" else sizes.drop_path_rate
+  return models.preset_config(m.name, **args)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError (one line naming the key) for unknown keys and bad values."""
+  _check_keys(config, base_config())
+  try:
+    data_lib.validate_data_config(config.data)
+  except ValueError as e:
+    raise ConfigError(f"config.{e}" if str(e).startswith("data.") else f"config.data: {e}")
+  stages = tuple(config.stages)
+  if not stages or any(s not in STAGES for s in stages):
+    _fail("stages", f"a sequence drawn from {STAGES}, got {stages!r}")
+  if list(stages) != sorted(stages, key=STAGES.index):
+    _fail("stages", f"stages run in the order {STAGES}, got {stages!r}")
+  if config.model.name not in models.PRESETS:
+    _fail("model.name", f"unknown model {config.model.name!r}; known: "
+          f"{', '.join(models.list_models())}")
+  if config.model.dtype not in DTYPES:
+    _fail("model.dtype", f"one of {DTYPES}, got {config.model.dtype!r}")
+  num_stages = len(config.model.depths or models.PRESETS[config.model.name]["depths"])
+  _per_stage("model.remat", config.model.remat, num_stages, str, set(REMAT_POLICIES))
+  for c in _per_stage("model.attention_chunks", config.model.attention_chunks, num_stages, int):
+    if c < 1:
+      _fail("model.attention_chunks", f"pieces must be >= 1, got {c}")
+  for name in ("pretrain", "finetune"):
+    stage = config[name]
+    for key in ("batch_size", "steps", "log_every", "checkpoint_every"):
+      _positive(config, f"{name}.{key}", kind=int)
+    for key in ("warmup_steps",):
+      _positive(config, f"{name}.{key}", allow_zero=True, kind=int)
+    for key in ("base_lr",):
+      _positive(config, f"{name}.{key}")
+    for key in ("warmup_lr", "min_lr", "weight_decay", "clip_grad"):
+      _positive(config, f"{name}.{key}", allow_zero=True)
+    if not 0 < stage.layer_decay <= 1:
+      _fail(f"{name}.layer_decay", f"must be in (0, 1], got {stage.layer_decay}")
+    if not 0 <= stage.drop_path_rate < 1:
+      _fail(f"{name}.drop_path_rate", f"must be in [0, 1), got {stage.drop_path_rate}")
+    if stage.warmup_steps > stage.steps:
+      _fail(f"{name}.warmup_steps", f"{stage.warmup_steps} exceeds {name}.steps={stage.steps}")
+    _per_stage(f"{name}.window_size", stage.window_size, num_stages, int)
+    _per_stage(f"{name}.pretrained_window_sizes", stage.pretrained_window_sizes, num_stages, int)
+    try:
+      win.check_input_size(win.to_pair(stage.img_size), config.model.patch_size,
+                           SwinTransformerV2._stage_windows(stage.window_size, num_stages))
+    except ValueError as e:
+      _fail(f"{name}.img_size", str(e))
+  p = config.pretrain
+  if not 0 < p.mask_ratio < 1:
+    _fail("pretrain.mask_ratio", f"must be in (0, 1), got {p.mask_ratio}")
+  stride = config.model.patch_size * 2**(num_stages - 1)
+  if p.mask_patch_size % config.model.patch_size or p.img_size % p.mask_patch_size:
+    _fail("pretrain.mask_patch_size", f"{p.mask_patch_size} must be a multiple of the patch "
+          f"size {config.model.patch_size} and divide img_size {p.img_size}")
+  if p.img_size % stride:
+    _fail("pretrain.img_size", f"{p.img_size} must be a multiple of the encoder stride {stride}")
+  if p.norm_target_window and p.norm_target_window % 2 == 0:
+    _fail("pretrain.norm_target_window", f"must be odd (or 0), got {p.norm_target_window}")
+  f = config.finetune
+  if not isinstance(f.init, str) or not f.init:
+    _fail("finetune.init", "'pretrain', 'scratch', or a checkpoint path")
+  if not 0 <= f.ema_decay < 1:
+    _fail("finetune.ema_decay", f"must be in [0, 1), got {f.ema_decay}")
+  _positive(config, "eval.batch_size", kind=int)
+  if len(config.mesh.axes) != len(config.mesh.shape):
+    _fail("mesh.shape", f"{tuple(config.mesh.shape)} has not one size per axis "
+          f"{tuple(config.mesh.axes)}")
+  if config.mesh.zero_stage not in (0, 1, 2, 3):
+    _fail("mesh.zero_stage", f"must be 0, 1, 2 or 3, got {config.mesh.zero_stage}")
+  for rule in config.mesh.rules:
+    if len(rule) != 2 or not isinstance(rule[0], str):
+      _fail("mesh.rules", f"each rule is (regex, 'auto' | 'replicate' | spec), got {rule!r}")
+  _positive(config, "checkpoint.keep", kind=int)
+  if config.plan.stage not in ("pretrain", "finetune"):
+    _fail("plan.stage", f"'pretrain' or 'finetune', got {config.plan.stage!r}")
+  _positive(config, "plan.num_devices", kind=int)
+  _positive(config, "plan.per_device_batch", kind=int)

@@ -1,0 +1,134 @@
+"""Sharding as data: a device mesh from config, path rules -> partition specs, ZeRO stages.
+
+ZeRO stages over the data-parallel devices (Rajbhandari et al.; paper section 3.5):
+  0: parameters, gradients and optimizer state replicated;
+  1: optimizer state sharded;
+  2: optimizer state and gradients sharded (the gradient all-reduce becomes a reduce-scatter);
+  3: also the parameters (FSDP): stored sharded, gathered by XLA where used, never stored whole.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+# A parameter smaller than this stays replicated: sharding it saves nothing worth a collective.
+MIN_SHARDED_SIZE = 2**14
+AUTO = "auto"
+
+
+def make_mesh(axes: Sequence[str], shape: Sequence[int], devices=None) -> jax.sharding.Mesh:
+  """A mesh with named axes; one size of -1 takes the devices left over."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = list(shape)
+  if len(axes) != len(shape):
+    raise ValueError(f"mesh.axes {tuple(axes)} and mesh.shape {tuple(shape)} differ in length")
+  if shape.count(-1) > 1:
+    raise ValueError(f"mesh.shape {tuple(shape)}: at most one -1")
+  known = math.prod(s for s in shape if s != -1)
+  if -1 in shape:
+    if len(devices) % known:
+      raise ValueError(f"mesh.shape {tuple(shape)} does not divide {len(devices)} devices")
+    shape[shape.index(-1)] = len(devices) // known
+  if math.prod(shape) != len(devices):
+    raise ValueError(f"mesh.shape {tuple(shape)} needs {math.prod(shape)} devices, "
+                     f"{len(devices)} are available")
+  return jax.make_mesh(tuple(shape), tuple(axes),
+                       axis_types=(jax.sharding.AxisType.Auto,) * len(axes), devices=devices)
+
+
+def path_string(path) -> str:
+  return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def auto_spec(shape: Sequence[int], axes: tuple[str, ...], mesh: jax.sharding.Mesh) -> P:
+  """Shards the largest dimension divisible by the product of `axes`; tiny leaves replicate."""
+  size = math.prod(mesh.shape[a] for a in axes)
+  if size == 1 or math.prod(shape) < MIN_SHARDED_SIZE:
+    return P()
+  candidates = [d for d in range(len(shape)) if shape[d] % size == 0]
+  if not candidates:
+    return P()
+  best = max(candidates, key=lambda d: (shape[d], -d))
+  spec = [None] * len(shape)
+  spec[best] = axes if len(axes) > 1 else axes[0]
+  return P(*spec)
+
+
+def spec_for(path: str, shape: Sequence[int], rules: Sequence[tuple[str, Any]],
+             axes: tuple[str, ...], mesh: jax.sharding.Mesh) -> P:
+  """First rule whose regex matches the parameter path: 'auto', 'replicate' or a spec tuple."""
+  for pattern, tactic in rules:
+    if re.fullmatch(pattern, path):
+      if tactic == AUTO:
+        return auto_spec(shape, axes, mesh)
+      if tactic == "replicate":
+        return P()
+      spec = tuple(tactic)
+      if len(spec) != len(shape):
+        raise ValueError(f"sharding rule {pattern!r} gives {spec} for {path} of shape "
+                         f"{tuple(shape)}: one entry per dimension is needed")
+      return P(*spec)
+  return P()
+
+
+def tree_specs(tree, rules, axes, mesh):
+  return jax.tree_util.tree_map_with_path(
+      lambda p, x: spec_for(path_string(p), x.shape, rules, axes, mesh), tree)
+
+
+class ShardingPlan:
+  """Shardings of parameters, gradients and optimizer state for one ZeRO stage."""
+
+  def __init__(self, mesh: jax.sharding.Mesh, *, zero_stage: int, rules, data_axes=None):
+    if zero_stage not in (0, 1, 2, 3):
+      raise ValueError(f"mesh.zero_stage must be 0, 1, 2 or 3, got {zero_stage}")
+    self.mesh = mesh
+    self.zero_stage = zero_stage
+    self.rules = [tuple(r) for r in rules]
+    self.data_axes = tuple(data_axes or mesh.axis_names)
+
+  def _sharded(self, tree):
+    specs = tree_specs(tree, self.rules, self.data_axes, self.mesh)
+    return jax.tree.map(lambda s: NamedSharding(self.mesh, s), specs,
+                        is_leaf=lambda x: isinstance(x, P))
+
+  def _replicated(self, tree):
+    return jax.tree.map(lambda _: NamedSharding(self.mesh, P()), tree)
+
+  def params(self, params):
+    return self._sharded(params) if self.zero_stage >= 3 else self._replicated(params)
+
+  def grads(self, params):
+    return self._sharded(params) if self.zero_stage >= 2 else self.params(params)
+
+  def opt_state(self, opt_state):
+    return self._sharded(opt_state) if self.zero_stage >= 1 else self._replicated(opt_state)
+
+  def batch(self, ndim: int = 1) -> NamedSharding:
+    """The batch dimension is split over every data-parallel axis."""
+    return NamedSharding(self.mesh, P(self.data_axes, *([None] * (ndim - 1))))
+
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P())
+
+
+def per_device_bytes(tree, shardings) -> int:
+  """Bytes one device holds of `tree` (abstract arrays) under `shardings`."""
+  total = 0
+  for leaf, sharding in zip(jax.tree.leaves(tree), jax.tree.leaves(
+      shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))):
+    shard = sharding.shard_shape(leaf.shape)
+    total += int(np.prod(shard)) * np.dtype(leaf.dtype).itemsize
+  return total
+
+
+def global_batch(local: dict, sharding_for) -> dict:
+  """Assembles the global batch from each process's local numpy share."""
+  return {k: jax.make_array_from_process_local_data(sharding_for(v.ndim), v)
+          for k, v in local.items()}

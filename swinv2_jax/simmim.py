@@ -1,0 +1,75 @@
+"""SimMIM masked-image-modelling pretraining for Swin V2 (REFERENCE.md, "SimMIM").
+
+The encoder is a SwinTransformerV2 without head; masked tokens are replaced by a learnt mask
+token after the patch embedding; a 1x1 conv + pixel shuffle decodes the last stage back to
+pixels; the loss is L1 on masked pixels, optionally against locally normalised targets.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from swinv2_jax.models import layers
+from swinv2_jax.models.swinv2 import SwinTransformerV2
+
+
+class SimMIM(nnx.Module):
+  """encoder (no head) + mask_token (1, 1, 1, C) + decoder (1x1 conv to stride^2 * 3)."""
+
+  def __init__(self, encoder: SwinTransformerV2, *, rngs: nnx.Rngs | int = 0):
+    if isinstance(rngs, int):
+      rngs = nnx.Rngs(params=rngs)
+    if encoder.head is not None:
+      raise ValueError("the SimMIM encoder must be built with num_classes=0")
+    self.encoder = encoder
+    embed_dim = encoder.patch_embed.norm.scale.shape[-1]
+    self.stride = encoder.patch_size * 2**(len(encoder.stages) - 1)
+    self.mask_token = nnx.Param(layers.dense_init(rngs.params(), (1, 1, 1, embed_dim)))
+    self.decoder = nnx.Conv(encoder.num_features, self.stride**2 * 3, kernel_size=(1, 1),
+                            dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs)
+
+  def __call__(self, images, token_mask, *, rng=None):
+    """Reconstructed images (B, H, W, 3) in float32 from images with masked tokens."""
+    maps = self.encoder.stage_features(images, rng=rng, token_mask=token_mask,
+                                       mask_token=self.mask_token[...])
+    z = self.encoder.norm(maps[-1]).astype(jnp.float32)
+    return pixel_shuffle(self.decoder(z), self.stride)
+
+
+def pixel_shuffle(x, r: int):
+  """torch.nn.PixelShuffle in NHWC: channel c*r*r + i*r + j -> pixel (h*r + i, w*r + j, c)."""
+  b, h, w, c = x.shape
+  out_c = c // (r * r)
+  x = x.reshape(b, h, w, out_c, r, r).transpose(0, 1, 4, 2, 5, 3)
+  return x.reshape(b, h * r, w * r, out_c)
+
+
+def normalize_targets(images, window: int = 47):
+  """Per-pixel normalisation by the mean and unbiased variance of a window x window
+  neighbourhood (stride 1, padding not counted), as the official SwinV2 SimMIM configs."""
+  if window % 2 != 1:
+    raise ValueError(f"the target normalisation window must be odd, got {window}")
+  pad = window // 2
+  dims, strides = (1, window, window, 1), (1, 1, 1, 1)
+  padding = ((0, 0), (pad, pad), (pad, pad), (0, 0))
+
+  def window_sum(v):
+    return jax.lax.reduce_window(v, 0.0, jax.lax.add, dims, strides, padding)
+
+  x = images.astype(jnp.float32)
+  count = window_sum(jnp.ones_like(x[..., :1]))
+  mean = window_sum(x) / count
+  var = (window_sum(x * x) / count - mean**2) * (count / (count - 1))
+  return (x - mean) / jnp.sqrt(jnp.maximum(var, 0.0) + 1e-6)
+
+
+def reconstruction_loss(images, reconstruction, token_mask, patch_size: int,
+                        norm_target_window: int = 0):
+  """L1 over masked pixels: sum(|x - x_rec| * m) / (sum(m) + 1e-5) / channels."""
+  target = normalize_targets(images, norm_target_window) if norm_target_window else images
+  pixel_mask = jnp.repeat(jnp.repeat(token_mask, patch_size, axis=1), patch_size, axis=2)
+  pixel_mask = pixel_mask[..., None].astype(jnp.float32)
+  l1 = jnp.abs(target.astype(jnp.float32) - reconstruction)
+  return jnp.sum(l1 * pixel_mask) / (jnp.sum(pixel_mask) + 1e-5) / images.shape[-1]

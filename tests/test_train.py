@@ -1,0 +1,189 @@
+"""The main job end to end on a tiny model, resume, eval-only, config checks, optimizer rules."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from swinv2_jax import config as config_lib
+from swinv2_jax import optim
+from swinv2_jax import train
+from swinv2_jax.models import SwinTransformerV2
+
+import importlib.util
+
+_SPEC = importlib.util.spec_from_file_location(
+    "digits_config", os.path.join(os.path.dirname(__file__), "..", "configs", "digits.py"))
+digits_config = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(digits_config)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+def tiny_config(data_dir, steps=8):
+  """Two model stages (stride 8), 32 px digits: compiles in seconds."""
+  c = digits_config.get_config("tiny")
+  c.data.data_dir = data_dir
+  c.model.embed_dim, c.model.depths, c.model.num_heads = 16, (2, 2), (1, 2)
+  for stage in (c.pretrain, c.finetune):
+    stage.steps, stage.warmup_steps, stage.log_every, stage.checkpoint_every = steps, 1, 1, 4
+    stage.batch_size, stage.base_lr, stage.min_lr = 32, 8e-2, 1e-3
+  c.pretrain.pretrained_window_sizes, c.finetune.pretrained_window_sizes = 0, 4
+  c.eval.batch_size = 64
+  return c
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_pretrain_finetune_eval_then_resume_and_eval_only(data_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  config = tiny_config(data_dir)
+  result = train.run(config, workdir)
+
+  records = read_metrics(workdir)
+  for stage in ("pretrain", "finetune"):
+    losses = [r["loss"] for r in records if r["stage"] == stage]
+    assert len(losses) == 8 and np.isfinite(losses).all()
+    if stage == "pretrain":  # fine-tuning's descent is tested on a fixed batch below
+      assert np.mean(losses[-3:]) < np.mean(losses[:3]), f"loss did not go down: {losses}"
+    assert sorted(os.listdir(os.path.join(workdir, stage, "checkpoints"))) == ["4", "8"]
+    assert {"stage", "step", "loss", "lr", "grad_norm", "images_per_s"} <= set(records[0])
+  with open(os.path.join(workdir, "eval.json")) as f:
+    saved = json.load(f)
+  assert saved["num_examples"] == 360 and saved["checkpoint"].endswith(os.path.join("finetune",
+                                                                              "checkpoints", "8"))
+  assert 0 <= saved["top1"] <= saved["top5"] <= 1 and saved == result
+  assert os.path.exists(os.path.join(workdir, "config.json"))
+  assert os.listdir(os.path.join(workdir, "tensorboard"))
+
+  # A longer fine-tune on the same workdir: pretraining is complete and skipped, fine-tuning
+  # resumes from its step-8 checkpoint (state and data position) and logs steps 9..12 only.
+  config.finetune.steps = 12
+  train.run(config, workdir)
+  new = read_metrics(workdir)[len(records):]
+  assert [r["step"] for r in new if r["stage"] == "finetune"] == [9, 10, 11, 12]
+  assert not [r for r in new if r["stage"] == "pretrain"]
+
+  config.eval_only = True
+  evaluated = train.run(config, workdir)
+  assert evaluated["checkpoint"].endswith(os.path.join("finetune", "checkpoints", "12"))
+
+
+def test_finetune_step_fits_a_fixed_batch(data_dir):
+  """The real jitted fine-tuning step (mixup off, stochastic depth on) drives the loss down."""
+  config = tiny_config(data_dir)
+  config.finetune.warmup_steps, config.finetune.base_lr = 0, 2e-2
+  task = train.finetune_task(config, num_classes=10)
+  trainer = train.make_trainer(config, task, train.make_plan(config))
+  rng = np.random.default_rng(0)
+  batch = dict(image=rng.normal(size=(32, 32, 32, 3)).astype(np.float32),
+               label=rng.integers(0, 10, 32).astype(np.int32))
+  state, key = trainer.init(), jax.random.key(0)
+  losses = []
+  for _ in range(10):
+    state, metrics = trainer.step(state, batch, key)
+    losses.append(float(metrics["loss"]))
+  assert losses[-1] < losses[0] - 0.04 and np.all(np.diff(losses) < 0.01), losses
+
+
+def test_resumed_run_continues_exactly(data_dir, tmp_path):
+  """Killed after step 4 and resumed == uninterrupted: same losses at steps 5..8."""
+  config = tiny_config(data_dir)
+  config.stages = ("pretrain",)
+  train.run(config, str(tmp_path / "straight"))
+  straight = [r["loss"] for r in read_metrics(str(tmp_path / "straight"))]
+
+  config.pretrain.steps = 4  # the "killed" run stops after the step-4 checkpoint
+  train.run(config, str(tmp_path / "resumed"))
+  config.pretrain.steps = 8
+  train.run(config, str(tmp_path / "resumed"))
+  resumed = [r["loss"] for r in read_metrics(str(tmp_path / "resumed"))]
+  np.testing.assert_allclose(resumed, straight, rtol=1e-6)
+
+
+def test_non_finite_loss_stops_with_an_actionable_message(data_dir, tmp_path):
+  config = tiny_config(data_dir)
+  config.stages = ("pretrain",)
+  config.pretrain.base_lr, config.pretrain.clip_grad = 1e30, 0.0
+  with pytest.raises(train.NonFiniteLossError, match=r"Lower pretrain.base_lr"):
+    train.run(config, str(tmp_path / "nan"))
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("mesh.zero_stage", 5, "config.mesh.zero_stage: must be 0, 1, 2 or 3"),
+    ("model.dtype", "int8", "config.model.dtype: one of"),
+    ("model.remat", "sometimes", "config.model.remat: 'sometimes' is not one of"),
+    ("pretrain.mask_ratio", 1.5, "config.pretrain.mask_ratio"),
+    ("finetune.img_size", 36, "config.finetune.img_size: image height 36"),
+    ("finetune.warmup_steps", 10**6, "config.finetune.warmup_steps"),
+    ("stages", ("finetune", "pretrain"), "config.stages"),
+    ("model.name", "swinv3", "config.model.name: unknown model"),
+])
+def test_bad_config_values_name_the_key(key, value, message):
+  config = digits_config.get_config()
+  section, _, leaf = key.rpartition(".")
+  (config[section] if section else config)[leaf] = value
+  with pytest.raises(config_lib.ConfigError) as error:
+    config_lib.validate(config)
+  assert str(error.value).startswith(message) and "\n" not in str(error.value)
+
+
+def test_unknown_config_keys_are_rejected():
+  config = digits_config.get_config()
+  with config.unlocked():
+    config.finetune.learning_rate = 1.0
+  with pytest.raises(config_lib.ConfigError, match=r"^config.finetune.learning_rate: unknown key"):
+    config_lib.validate(config)
+  config_lib.validate(digits_config.get_config())  # the shipped config itself is valid
+
+
+def _official_layer_id(name, depths):
+  """The official SimMIM get_swin_layer_id, on official parameter names."""
+  if name == "mask_token" or name.startswith("patch_embed"):
+    return 0
+  parts = name.split(".")
+  if parts[0] == "layers" and parts[2] == "blocks":
+    return sum(depths[:int(parts[1])]) + int(parts[3]) + 1
+  if parts[0] == "layers" and parts[2] == "downsample":
+    return sum(depths[:int(parts[1]) + 1])
+  return sum(depths) + 1
+
+
+def test_layer_decay_ids_match_the_official_mapping():
+  depths = (2, 2, 6, 2)
+  model = nnx.eval_shape(lambda: SwinTransformerV2(img_size=64, embed_dim=16, depths=depths,
+                                                   num_heads=(1, 2, 4, 8), window_size=4))
+  params = nnx.to_pure_dict(nnx.state(model))
+  ids = optim.layer_ids(params, depths, [s.blocks_per_group for s in model.stages])
+  for s, depth in enumerate(depths):
+    for k in range(depth):  # block k of stage s: group k // 2, position k % 2
+      got = ids["stages"][s]["groups"]["blocks"][k % 2]["attn"]["qkv"]["kernel"][k // 2]
+      assert got == _official_layer_id(f"layers.{s}.blocks.{k}.attn.qkv.weight", depths)
+    if s < 3:
+      assert ids["stages"][s]["downsample"]["reduction"]["kernel"] == _official_layer_id(
+          f"layers.{s}.downsample.reduction.weight", depths)
+  assert ids["patch_embed"]["proj"]["kernel"] == 0
+  assert ids["head"]["kernel"] == ids["norm"]["scale"] == 13
+  scales = optim.layer_scales(params, depths, [2, 2, 2, 2], 0.75)
+  np.testing.assert_allclose(scales["patch_embed"]["proj"]["kernel"], 0.75**13)
+  assert scales["stages"][2]["groups"]["blocks"][1]["mlp"]["fc1"]["kernel"].shape == (3, 1, 1)
+
+
+def test_weight_decay_exemptions():
+  model = nnx.eval_shape(lambda: SwinTransformerV2(img_size=64, embed_dim=16, depths=(2, 2),
+                                                   num_heads=(1, 2), window_size=4))
+  mask = optim.weight_decay_mask(nnx.to_pure_dict(nnx.state(model)))
+  attn = mask["stages"][0]["groups"]["blocks"][0]["attn"]
+  assert attn["qkv"]["kernel"] and attn["proj"]["kernel"] and mask["head"]["kernel"]
+  assert not attn["cpb_mlp"]["fc1"]["kernel"] and not attn["cpb_mlp"]["fc2"]["kernel"]
+  assert not attn["logit_scale"] and not attn["q_bias"] and not attn["proj"]["bias"]
+  assert not mask["norm"]["scale"] and not mask["patch_embed"]["norm"]["bias"]

@@ -1,0 +1,14 @@
+"""SwinV2-S: SimMIM 192/w12 -> ImageNet-1K fine-tune at 224/w14 (default) or 256/w16.
+
+  python -m swinv2_jax.main --config=configs/swinv2_s.py --workdir=DIR        # 224/w14
+  python -m swinv2_jax.main --config=configs/swinv2_s.py:256 --workdir=DIR    # 256/w16
+  python -m swinv2_jax.main --config=configs/swinv2_s.py:tiny --workdir=DIR   # laptop check
+Drop path: pretraining 0.1, fine-tuning 0.2 (B's are the official SimMIM values).
+"""
+
+from swinv2_jax import recipes
+
+
+def get_config(arg: str = ""):
+  return recipes.get_sized_config("swinv2_small_window16_256", arg, pretrain_drop_path=0.1,
+                                  finetune_drop_path=0.2)

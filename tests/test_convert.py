@@ -1,0 +1,261 @@
+"""swinv2_jax.convert: layouts, error handling, SimMIM, safetensors/pth, orbax and the CLI.
+
+Models are built abstractly (nnx.eval_shape) and filled from checkpoints, so no random init
+has to be compiled; the only forward pass is the tiny CLI model's.
+"""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from swinv2_jax import convert
+from swinv2_jax.models import SwinTransformerV2
+
+from test_parity import config, state  # the shift_clamp fixture: 4 stages, all layouts
+
+NAME = "shift_clamp"
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Tiny 2-stage model for the CLI (its forward compiles fast); built from a preset + overrides.
+CLI_PRESET = "swinv2_tiny_window8_256"
+CLI_OVERRIDES = dict(img_size=32, embed_dim=4, depths=[2, 1], num_heads=[1, 2], window_size=4,
+                     num_classes=3, drop_path_rate=0.0)
+
+
+def abstract(**overrides):
+  kwargs = {**config(NAME), "drop_path_rate": 0.0, **overrides}
+  return nnx.eval_shape(lambda: SwinTransformerV2(**kwargs))
+
+
+def params(model) -> dict:
+  return {".".join(map(str, p)): np.asarray(v.get_value())
+          for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def loaded(layout="timm", **overrides):
+  return convert.load_pytorch_weights(abstract(**overrides), state(NAME, layout))
+
+
+def assert_same_params(a: dict, b: dict, skip=("head.",)):
+  keys = [k for k in a if not k.startswith(skip)]
+  assert sorted(keys) == sorted(k for k in b if not k.startswith(skip))
+  for k in keys:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+class SimMIMStandIn(nnx.Module):
+  """The structure swinv2_jax.simmim.SimMIM is to have: encoder, mask_token, 1x1 decoder."""
+
+  def __init__(self, encoder_kwargs: dict, rngs: nnx.Rngs):
+    self.encoder = SwinTransformerV2(**{**encoder_kwargs, "num_classes": 0})
+    c0 = encoder_kwargs["embed_dim"]
+    stride = 4 * 2**(len(encoder_kwargs["depths"]) - 1)
+    self.mask_token = nnx.Param(jnp.zeros((1, 1, 1, c0)))
+    self.decoder = nnx.Conv(self.encoder.num_features, stride**2 * 3, kernel_size=(1, 1),
+                            rngs=rngs)
+
+
+def test_layout_detection():
+  assert convert.detect_layout(state(NAME, "timm")) == "timm"
+  assert convert.detect_layout(state(NAME, "official")) == "official"
+  assert convert.detect_layout(state(NAME, "simmim")) == "simmim"
+
+
+def test_all_layouts_give_the_same_parameters():
+  reference = params(loaded("timm"))
+  official = params(loaded("official"))
+  assert_same_params(reference, official, skip=())
+  simmim = params(convert.load_pytorch_weights(abstract(num_classes=0),
+                                               {"model": state(NAME, "simmim")}))
+  assert_same_params(reference, simmim)
+  # Spot checks of the conventions: Linear (out,in)->(in,out), Conv OIHW->HWIO, scale.
+  timm = state(NAME, "timm")
+  np.testing.assert_array_equal(reference["patch_embed.proj.kernel"],
+                                timm["patch_embed.proj.weight"].transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(reference["head.kernel"], timm["head.fc.weight"].T)
+  np.testing.assert_array_equal(reference["stages.0.downsample.reduction.kernel"],
+                                timm["layers.1.downsample.reduction.weight"].T)
+  np.testing.assert_array_equal(reference["stages.2.groups.blocks.1.norm1.scale"][0],
+                                timm["layers.2.blocks.1.norm1.weight"])
+
+
+def test_export_round_trip():
+  model = loaded("timm")
+  for layout in ("official", "timm"):
+    exported = convert.to_pytorch_state_dict(model, layout)
+    expected = {k: v for k, v in state(NAME, layout).items() if not convert._is_buffer(k)}
+    assert sorted(exported) == sorted(expected)
+    for k in expected:
+      np.testing.assert_array_equal(exported[k], expected[k], err_msg=k)
+
+
+def test_missing_key():
+  ckpt = dict(state(NAME, "timm"))
+  del ckpt["layers.2.blocks.1.attn.q_bias"]
+  with pytest.raises(ValueError, match=r"missing.*layers\.2\.blocks\.1\.attn\.q_bias"):
+    convert.load_pytorch_weights(abstract(), ckpt)
+
+
+def test_unexpected_key():
+  ckpt = dict(state(NAME, "timm"), **{"layers.0.blocks.0.attn.bogus": np.zeros(3),
+                                      "absolute_pos_embed": np.zeros((1, 4, 4))})
+  with pytest.raises(ValueError, match="unexpected") as info:
+    convert.load_pytorch_weights(abstract(), ckpt)
+  assert "layers.0.blocks.0.attn.bogus" in str(info.value)
+  assert "absolute_pos_embed" in str(info.value)
+
+
+def test_wrong_shape():
+  ckpt = dict(state(NAME, "official"))
+  ckpt["layers.1.blocks.0.attn.qkv.weight"] = np.zeros((24, 7), np.float32)
+  with pytest.raises(ValueError, match=r"layers\.1\.blocks\.0\.attn\.qkv\.weight.*\(24, 7\)"
+                                       r".*\(8, 24\)"):
+    convert.load_pytorch_weights(abstract(), ckpt)
+
+
+def test_nothing_changes_when_loading_fails():
+  model = loaded("timm")
+  before = params(model)
+  ckpt = dict(state(NAME, "timm"))
+  ckpt["norm.weight"] = ckpt["norm.weight"] + 1
+  del ckpt["norm.bias"]
+  with pytest.raises(ValueError):
+    convert.load_pytorch_weights(model, ckpt)
+  assert_same_params(before, params(model), skip=())
+
+
+def test_wrong_head_size_suggests_drop_head():
+  with pytest.raises(ValueError, match=r"10 classes.*num_classes=3.*drop_head=True"):
+    convert.load_pytorch_weights(abstract(num_classes=3), state(NAME, "timm"))
+
+
+def test_drop_head_keeps_the_models_head():
+  model = loaded("timm")  # a concrete model whose head we know
+  head = {k: v for k, v in params(model).items() if k.startswith("head.")}
+  ckpt = {k: (v + 1 if k != "head.fc.weight" else v[:4]) for k, v in state(NAME, "timm").items()
+          if not convert._is_buffer(k)}
+  convert.load_pytorch_weights(model, ckpt, drop_head=True)
+  after = params(model)
+  for k, v in head.items():
+    np.testing.assert_array_equal(after[k], v)
+  np.testing.assert_array_equal(after["norm.scale"], state(NAME, "timm")["norm.weight"] + 1)
+
+
+def test_drop_head_on_an_abstract_model_is_refused():
+  with pytest.raises(ValueError, match="abstract.*head"):
+    convert.load_pytorch_weights(abstract(), state(NAME, "timm"), drop_head=True)
+
+
+def test_headless_model_and_a_head_in_the_checkpoint():
+  with pytest.raises(ValueError, match="drop_head=True to discard"):
+    convert.load_pytorch_weights(abstract(num_classes=0), state(NAME, "timm"))
+  model = convert.load_pytorch_weights(abstract(num_classes=0), state(NAME, "timm"),
+                                       drop_head=True)
+  assert_same_params(params(loaded("timm")), params(model))
+
+
+def test_simmim_into_classifier(caplog):
+  with pytest.raises(ValueError, match="no classifier head.*drop_head=True"):
+    convert.load_pytorch_weights(abstract(), {"model": state(NAME, "simmim")})
+  model = loaded("timm")
+  caplog.set_level(logging.INFO)
+  convert.load_pytorch_weights(model, {"model": state(NAME, "simmim")}, drop_head=True)
+  assert "mask_token" in caplog.text and "decoder.0.weight" in caplog.text
+
+
+def test_simmim_into_simmim_module():
+  kwargs = {**config(NAME), "drop_path_rate": 0.0}
+  model = nnx.eval_shape(lambda: SimMIMStandIn(kwargs, nnx.Rngs(0)))
+  ckpt = state(NAME, "simmim")
+  convert.load_pytorch_weights(model, {"model": ckpt})
+  got = params(model)
+  np.testing.assert_array_equal(got["mask_token"], ckpt["encoder.mask_token"][None])
+  np.testing.assert_array_equal(got["decoder.kernel"],
+                                ckpt["decoder.0.weight"].transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(got["decoder.bias"], ckpt["decoder.0.bias"])
+  encoder = {k[len("encoder."):]: v for k, v in got.items() if k.startswith("encoder.")}
+  assert_same_params(params(loaded("timm")), encoder)
+  exported = convert.to_pytorch_state_dict(model)
+  expected = {k.replace("rpe_mlp", "cpb_mlp"): v for k, v in ckpt.items()
+              if not convert._is_buffer(k)}
+  assert sorted(exported) == sorted(expected)
+  # A classifier checkpoint lacks mask_token and decoder.
+  with pytest.raises(ValueError, match="missing.*mask_token"):
+    convert.load_pytorch_weights(model, state(NAME, "official"), drop_head=True)
+
+
+def test_safetensors_round_trip(tmp_path):
+  from safetensors.numpy import save_file
+  path = str(tmp_path / "weights.safetensors")
+  save_file({k: np.ascontiguousarray(v) for k, v in state(NAME, "official").items()}, path)
+  assert_same_params(params(loaded("timm")),
+                     params(convert.load_pytorch_weights(abstract(), path)), skip=())
+
+
+def test_pth(tmp_path):
+  torch = pytest.importorskip("torch")
+  path = str(tmp_path / "weights.pth")
+  torch.save({"model": {k: torch.from_numpy(np.array(v)) for k, v in
+                        state(NAME, "simmim").items()}, "epoch": 3}, path)
+  model = convert.load_pytorch_weights(abstract(num_classes=0), path)
+  assert_same_params(params(loaded("timm")), params(model))
+
+
+def test_pth_without_torch_says_safetensors_needs_none(tmp_path, monkeypatch):
+  path = tmp_path / "weights.pth"
+  path.write_bytes(b"")
+  monkeypatch.setitem(sys.modules, "torch", None)
+  with pytest.raises(ImportError, match="safetensors"):
+    convert.load_pytorch_weights(abstract(), str(path))
+
+
+@nnx.jit
+def _forward(model, x):
+  return model(x)
+
+
+def test_cli_end_to_end(tmp_path):
+  from safetensors.numpy import save_file
+  from swinv2_jax import models
+  # A random tiny model, exported in timm layout.
+  source = nnx.eval_shape(lambda: models.create(CLI_PRESET, **CLI_OVERRIDES))
+  state_ = nnx.state(source, nnx.Param)
+  leaves, treedef = jax.tree.flatten(state_)
+  rng = np.random.default_rng(0)
+  leaves = [jnp.asarray(rng.normal(0.0, 0.3, leaf.shape), jnp.float32) for leaf in leaves]
+  nnx.update(source, jax.tree.unflatten(treedef, leaves))
+  ckpt = str(tmp_path / "tiny.safetensors")
+  save_file(convert.to_pytorch_state_dict(source, "timm"), ckpt)
+
+  out = tmp_path / "converted"
+  overrides = {k: v for k, v in CLI_OVERRIDES.items() if k not in ("num_classes", "img_size")}
+  result = subprocess.run(
+      [sys.executable, "-m", "swinv2_jax.convert", f"--checkpoint={ckpt}",
+       f"--model={CLI_PRESET}", f"--output={out}", "--num_classes=3", "--img_size=32",
+       f"--overrides={json.dumps(overrides)}"],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+      env={**os.environ, "PYTHONPATH": REPO_ROOT, "JAX_PLATFORMS": "cpu"})
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "parameters:" in result.stdout
+  assert json.loads((out / "model.json").read_text())["model"] == CLI_PRESET
+
+  restored = convert.restore_model(str(out))
+  assert_same_params(params(source), params(restored), skip=())
+  x = np.random.default_rng(1).normal(size=(2, 32, 32, 3)).astype(np.float32)
+  source.eval()
+  restored.eval()
+  np.testing.assert_array_equal(np.asarray(_forward(source, x)),
+                                np.asarray(_forward(restored, x)))
+
+  # load_params onto a model of other shapes names the mismatches.
+  other = nnx.eval_shape(lambda: models.create(CLI_PRESET, **{**CLI_OVERRIDES,
+                                                               "num_classes": 5}))
+  with pytest.raises(ValueError, match=r"head\.bias.*\(3,\).*\(5,\)"):
+    convert.load_params(str(out), other)

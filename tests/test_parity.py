@@ -1,0 +1,151 @@
+"""Numerical parity with the PyTorch reference (timm's SwinTransformerV2, the official math).
+
+The fixtures (tests/fixtures/*.npz, written by tests/make_parity_fixtures.py, see the README
+there) hold randomised PyTorch weights in the timm, official and SimMIM key layouts, an input,
+and the reference logits / pooled features / per-stage maps computed in float64. No torch here.
+"""
+
+import functools
+import glob
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from swinv2_jax.convert import load_pytorch_weights
+from swinv2_jax.models import SwinTransformerV2
+from swinv2_jax.models import windows as win
+
+FIXTURE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+FIXTURES = sorted(os.path.basename(p)[len("swinv2_"):-len(".npz")]
+                  for p in glob.glob(os.path.join(FIXTURE_DIR, "swinv2_*.npz")))
+LOGIT_TOL = 1e-4  # max |logit difference| in float32
+# The random fixtures are ill-conditioned on purpose (4-channel LayerNorms with random scales,
+# logit scales up to the clamp at 100): torch's own float32 forward differs from its float64
+# one by up to 1.1e-4 on the pooled features and 9e-5 (relative) on the stage maps.
+POOLED_TOL = 5e-4
+FEATURE_RTOL = 3e-4  # per-stage maps: max |difference| relative to the map's max |value|
+
+
+@functools.lru_cache(maxsize=None)
+def fixture(name: str) -> dict:
+  with np.load(os.path.join(FIXTURE_DIR, f"swinv2_{name}.npz")) as f:
+    return {k: f[k] for k in f.files}
+
+
+def config(name: str) -> dict:
+  return json.loads(str(fixture(name)["config"]))
+
+
+def state(name: str, layout: str) -> dict:
+  prefix = f"state_{layout}/"
+  return {k[len(prefix):]: v for k, v in fixture(name).items() if k.startswith(prefix)}
+
+
+def layouts(name: str) -> list[str]:
+  return sorted({k.split("/")[0][len("state_"):] for k in fixture(name) if k.startswith("state_")})
+
+
+def abstract_model(cfg: dict, **overrides) -> SwinTransformerV2:
+  """No random init (slow to compile): every parameter comes from the checkpoint."""
+  kwargs = {**cfg, "drop_path_rate": 0.0, **overrides}
+  return nnx.eval_shape(lambda: SwinTransformerV2(**kwargs))
+
+
+@nnx.jit
+def run(model, x):
+  """(logits, pooled features, per-stage maps) in one program."""
+  maps = model.stage_features(x)
+  pooled = model.norm(maps[-1]).mean(axis=(1, 2))  # = model.features(x)
+  return model(x), pooled, maps
+
+
+def loaded(name: str, layout: str = "timm", **overrides):
+  model = abstract_model(config(name), **overrides)
+  source = state(name, layout)
+  if layout == "simmim":
+    source = {"model": source}  # official SimMIM checkpoints wrap the state dict so
+  load_pytorch_weights(model, source, drop_head=layout == "simmim")
+  model.eval()
+  return model
+
+
+@functools.lru_cache(maxsize=None)
+def outputs(name: str, layout: str = "timm"):
+  """Our float32 outputs for a fixture; models from a SimMIM state get the timm-loaded head
+  (drop_head keeps it) so the compiled program is shared."""
+  with jax.default_matmul_precision("highest"):
+    if layout == "simmim":
+      model = loaded(name, "timm")
+      load_pytorch_weights(model, {"model": state(name, "simmim")}, drop_head=True)
+    else:
+      model = loaded(name, layout)
+    logits, pooled, maps = run(model, fixture(name)["input_nhwc"])
+  return np.asarray(logits), np.asarray(pooled), [np.asarray(m) for m in maps]
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_logits_match_timm(name, record_property):
+  logits, pooled, _ = outputs(name)
+  diff = float(np.abs(logits - fixture(name)["logits"]).max())
+  record_property("max_abs_logit_diff", diff)
+  print(f"{name}: max |logit diff| {diff:.3g}")
+  assert diff <= LOGIT_TOL
+  assert float(np.abs(pooled - fixture(name)["pooled"]).max()) <= POOLED_TOL
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_stage_features_match_timm(name):
+  _, _, maps = outputs(name)
+  for i, ours in enumerate(maps):
+    ref = fixture(name)[f"features_{i}"]
+    assert ours.shape == ref.shape, (i, ours.shape, ref.shape)
+    rel = float(np.abs(ours - ref).max() / np.abs(ref).max())
+    assert rel <= FEATURE_RTOL, f"stage {i}: relative error {rel:.3g}"
+
+
+@pytest.mark.parametrize("name,layout", [(n, l) for n in FIXTURES for l in layouts(n)
+                                         if l != "timm"])
+def test_other_layouts_match(name, layout):
+  """Official and SimMIM key layouts of the same weights give the same model and outputs."""
+  logits, pooled, _ = outputs(name, layout)
+  ref_logits, ref_pooled, _ = outputs(name, "timm")
+  np.testing.assert_array_equal(pooled, ref_pooled)
+  np.testing.assert_array_equal(logits, ref_logits)
+  assert float(np.abs(pooled - fixture(name)["pooled"]).max()) <= POOLED_TOL
+  if layout == "official":
+    assert float(np.abs(logits - fixture(name)["logits"]).max()) <= LOGIT_TOL
+
+
+def test_pretrained_window_sizes_change_the_output():
+  name = "pretrained_window"
+  cfg = config(name)
+  assert any(p != 0 for p in cfg["pretrained_window_sizes"])
+  # The position tables differ...
+  windows = [w for w in SwinTransformerV2._stage_windows(cfg["window_size"], 4)]
+  feats = win.stage_feature_sizes(win.to_pair(cfg["img_size"]), 4, 4)
+  for (size, window, pretrained) in zip(feats, windows, cfg["pretrained_window_sizes"]):
+    clamped, _ = win.clamp_window(size, window, (0, 0))
+    if pretrained != clamped[0]:
+      assert not np.allclose(win.relative_coords_table(clamped, (pretrained,) * 2),
+                             win.relative_coords_table(clamped, (0, 0)))
+  # ...and so does the output, with the same weights.
+  logits, _, _ = outputs(name)
+  with jax.default_matmul_precision("highest"):
+    model = loaded(name, pretrained_window_sizes=0)
+    other, _, _ = run(model, fixture(name)["input_nhwc"])
+  assert float(np.abs(np.asarray(other) - logits).max()) > 1e-2
+
+
+def test_image_size_off_the_grid_lists_working_sizes():
+  cfg = config("shift_clamp")  # patch 4, window 4, 4 stages: 64 works, 72 does not
+  with pytest.raises(ValueError, match="sizes that work") as info:
+    abstract_model(cfg, img_size=72)
+  message = str(info.value)
+  listed = [int(s) for s in message.rsplit("[", 1)[1].rstrip("]").split(",")]
+  assert 64 in listed and 72 not in listed
+  for size in (min(listed), max(listed)):
+    abstract_model(cfg, img_size=size)  # the suggestions build

@@ -5,6 +5,8 @@
   python -m swinv2_jax.main --config=configs/digits.py --workdir=DIR --config.eval_only=True
 """
 
+import logging as std_logging
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -19,9 +21,17 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and 
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _QuietCheckpointLogs(std_logging.Filter):
+  """Keeps orbax's per-save INFO chatter out of the training log (warnings still show)."""
+
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietCheckpointLogs())
   config = _CONFIG.value
   distributed.initialize(config.distributed)
   if config.dry_run:

@@ -2,13 +2,17 @@
 
 import json
 import os
+import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from swinv2_jax import config as config_lib
+from swinv2_jax import convert
+from swinv2_jax import data
 from swinv2_jax import optim
 from swinv2_jax import train
 from swinv2_jax.models import SwinTransformerV2
@@ -77,6 +81,19 @@ def test_pretrain_finetune_eval_then_resume_and_eval_only(data_dir, tmp_path):
   evaluated = train.run(config, workdir)
   assert evaluated["checkpoint"].endswith(os.path.join("finetune", "checkpoints", "12"))
 
+  # Eval-only on a parameter checkpoint written by the converter (as for official weights):
+  # a model whose head always answers class 3 scores exactly the share of 3s in the test split.
+  model = train.build_classifier(config, "eval", num_classes=10)
+  nnx.update(model.head, {"kernel": jnp.zeros_like(model.head.kernel[...]),
+                          "bias": jnp.zeros(10).at[3].set(1.0)})
+  convert.save_params(str(tmp_path / "converted"), model)
+  config.eval_checkpoint = str(tmp_path / "converted")
+  constant = train.run(config, str(tmp_path / "eval_only"))
+  assert constant["checkpoint"] == str(tmp_path / "converted")
+  threes = sum(int(np.sum((b["label"] == 3) & b["valid"])) for b in data.build_eval_iterator(
+      config.data, image_size=32, global_batch_size=120))
+  assert constant["top1"] == pytest.approx(threes / 360) and constant["num_examples"] == 360
+
 
 def test_finetune_step_fits_a_fixed_batch(data_dir):
   """The real jitted fine-tuning step (mixup off, stochastic depth on) drives the loss down."""
@@ -96,17 +113,24 @@ def test_finetune_step_fits_a_fixed_batch(data_dir):
 
 
 def test_resumed_run_continues_exactly(data_dir, tmp_path):
-  """Killed after step 4 and resumed == uninterrupted: same losses at steps 5..8."""
+  """A run killed after its step-4 checkpoint and restarted == the uninterrupted run."""
   config = tiny_config(data_dir)
   config.stages = ("pretrain",)
-  train.run(config, str(tmp_path / "straight"))
-  straight = [r["loss"] for r in read_metrics(str(tmp_path / "straight"))]
+  workdir = str(tmp_path / "run")
+  train.run(config, workdir)
+  straight = [r["loss"] for r in read_metrics(workdir)]
 
-  config.pretrain.steps = 4  # the "killed" run stops after the step-4 checkpoint
-  train.run(config, str(tmp_path / "resumed"))
-  config.pretrain.steps = 8
-  train.run(config, str(tmp_path / "resumed"))
-  resumed = [r["loss"] for r in read_metrics(str(tmp_path / "resumed"))]
+  # Undo everything after step 4, as if the process had died there.
+  shutil.rmtree(os.path.join(workdir, "pretrain", "checkpoints", "8"))
+  shutil.rmtree(os.path.join(workdir, "pretrain", "encoder"))
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  with open(metrics_path) as f:
+    first_four = f.readlines()[:4]
+  with open(metrics_path, "w") as f:
+    f.writelines(first_four)
+  train.run(config, workdir)
+  resumed = [r["loss"] for r in read_metrics(workdir)]
+  assert len(resumed) == 8
   np.testing.assert_allclose(resumed, straight, rtol=1e-6)
 
 

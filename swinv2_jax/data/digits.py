@@ -3,7 +3,7 @@
 1,797 grayscale images (UCI optdigits test set, 10 classes). Stored as uint8 images of shape
 (8, 8, 1): the original 0..16 intensities are rescaled to 0..255 (round(v * 255 / 16)) so that
 the usual uint8 -> float pipeline applies unchanged; the input pipeline turns them into 3 channels.
-Splits: `test` is a fixed stratified 20% (360 images, 36 per class), `train` the remaining 1,437.
+Splits: `test` is a fixed stratified 20% (360 images, 36 +- 1 per class), `train` the remaining 1,437.
 No download: tfds.builder('digits', data_dir=d, file_format='array_record').download_and_prepare().
 """
 

@@ -48,6 +48,15 @@ def _derived_seed(*parts) -> int:
   return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 
+def _crop_and_flip(element, rng: np.random.Generator, t) -> Image.Image:
+  """RandomResizedCrop then an optional horizontal flip: the start of both train transforms."""
+  img = transforms.to_rgb_pil(element['image'])
+  img = transforms.random_resized_crop(rng, img, t.size_hw, t.scale, t.ratio, t.interpolation)
+  if t.hflip and rng.random() < 0.5:
+    img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+  return img
+
+
 class SupervisedTrainTransform(grain.transforms.RandomMap):
   """timm/official train recipe: RRC -> hflip -> RandAugment -> normalise -> random erasing."""
 
@@ -62,11 +71,7 @@ class SupervisedTrainTransform(grain.transforms.RandomMap):
                         if cfg.randaugment else None)
 
   def random_map(self, element, rng: np.random.Generator):
-    img = transforms.to_rgb_pil(element['image'])
-    img = transforms.random_resized_crop(rng, img, self.size_hw, self.scale, self.ratio,
-                                         self.interpolation)
-    if self.hflip and rng.random() < 0.5:
-      img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    img = _crop_and_flip(element, rng, self)
     if self.randaugment is not None:
       img = self.randaugment(img, rng)
     x = transforms.random_erase(rng, transforms.normalize(img, self.mean, self.std), self.reprob)
@@ -88,11 +93,7 @@ class SimMIMTrainTransform(grain.transforms.RandomMap):
                                  self.mask_ratio)
 
   def random_map(self, element, rng: np.random.Generator):
-    img = transforms.to_rgb_pil(element['image'])
-    img = transforms.random_resized_crop(rng, img, self.size_hw, self.scale, self.ratio,
-                                         self.interpolation)
-    if self.hflip and rng.random() < 0.5:
-      img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    img = _crop_and_flip(element, rng, self)
     mask = transforms.simmim_mask(rng, self.size_hw, self.mask_patch_size, self.model_patch_size,
                                   self.mask_ratio)
     return {'image': transforms.normalize(img, self.mean, self.std), 'mask': mask}

@@ -87,7 +87,8 @@ def base_config() -> ml_collections.ConfigDict:
   ))
   c.checkpoint = ml_collections.ConfigDict(dict(keep=2, use_async=True))
   c.distributed = ml_collections.ConfigDict(dict(
-      coordinator_address="",        # host:port; '' = automatic (TPU, SLURM) or single process
+      coordinator_address="",        # host:port; 'auto' (Cloud TPU VMs); '' = JAX_* env vars,
+                                     # a detected SLURM job, or a single process
       num_processes=0,
       process_id=-1,
   ))
@@ -149,7 +150,9 @@ def model_args(config, stage: str) -> dict:
     if m[key] is not None:
       args[key] = m[key]
   args["drop_path_rate"] = 0.0 if stage == "eval" else sizes.drop_path_rate
-  return models.preset_config(m.name, **args)
+  args = models.preset_config(m.name, **args)
+  args.pop("num_classes", None)  # the data set decides (22K presets default to 21,841)
+  return args
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

@@ -1,11 +1,13 @@
 """Multi-process start-up: `jax.distributed.initialize` from config or the environment.
 
 Order of precedence:
-  1. config.distributed.coordinator_address (+ num_processes, process_id): explicit;
+  1. config.distributed.coordinator_address (+ num_processes, process_id): explicit; 'auto'
+     leaves all three to JAX's cluster detection (Cloud TPU VMs: read from the metadata server,
+     which no environment variable reveals beforehand);
   2. JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID in the environment (the
      Kubernetes and local launchers set these);
-  3. a detected cluster: a multi-host TPU slice or a SLURM job with more than one task, where
-     JAX finds the coordinator itself;
+  3. a detected cluster: a multi-host GKE TPU slice or a SLURM job step with more than one task,
+     where JAX finds the coordinator itself;
   otherwise one process. Must run before anything touches a device.
 """
 
@@ -16,6 +18,8 @@ import os
 import jax
 from absl import logging
 
+AUTO = "auto"
+
 
 def _cluster_detected() -> bool:
   if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ:
@@ -24,9 +28,29 @@ def _cluster_detected() -> bool:
   return len([h for h in tpu_hosts.split(",") if h]) > 1
 
 
+def slurm_local_device_ids() -> list[int] | None:
+  """The GPUs a SLURM task drives, where JAX's own choice would be wrong; else None.
+
+  Left to itself JAX gives each SLURM task the one GPU numbered SLURM_LOCALID: right for one
+  task per GPU when every task sees all GPUs, but out of range when SLURM binds one GPU to
+  each task, and all GPUs but the first idle with one task per node.
+  """
+  env = os.environ
+  visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d]
+  if len(visible) == 1:
+    return [0]
+  nodes = int(env.get("SLURM_STEP_NUM_NODES", env.get("SLURM_NNODES", "0")))
+  if not nodes or int(env.get("SLURM_NTASKS", "0")) != nodes:
+    return None
+  count = len(visible) or int(env.get("SLURM_GPUS_ON_NODE", "0"))
+  return list(range(count)) if count > 1 else None
+
+
 def initialize(cfg) -> None:
   env = os.environ
-  if cfg.coordinator_address:
+  if cfg.coordinator_address == AUTO:
+    jax.distributed.initialize(local_device_ids=slurm_local_device_ids())
+  elif cfg.coordinator_address:
     if cfg.num_processes < 1 or cfg.process_id < 0:
       raise ValueError("config.distributed: coordinator_address needs num_processes >= 1 and "
                        "process_id >= 0")
@@ -35,7 +59,7 @@ def initialize(cfg) -> None:
     jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"], int(env["JAX_NUM_PROCESSES"]),
                                int(env["JAX_PROCESS_ID"]))
   elif _cluster_detected():
-    jax.distributed.initialize()
+    jax.distributed.initialize(local_device_ids=slurm_local_device_ids())
   else:
     return
   logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),

@@ -46,10 +46,11 @@ def path_string(path) -> str:
   return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
-def auto_spec(shape: Sequence[int], axes: tuple[str, ...], mesh: jax.sharding.Mesh) -> P:
+def auto_spec(shape: Sequence[int], axes: tuple[str, ...], mesh: jax.sharding.Mesh,
+              min_size: int = MIN_SHARDED_SIZE) -> P:
   """Shards the largest dimension divisible by the product of `axes`; tiny leaves replicate."""
   size = math.prod(mesh.shape[a] for a in axes)
-  if size == 1 or math.prod(shape) < MIN_SHARDED_SIZE:
+  if size == 1 or math.prod(shape) < min_size:
     return P()
   candidates = [d for d in range(len(shape)) if shape[d] % size == 0]
   if not candidates:
@@ -61,12 +62,13 @@ def auto_spec(shape: Sequence[int], axes: tuple[str, ...], mesh: jax.sharding.Me
 
 
 def spec_for(path: str, shape: Sequence[int], rules: Sequence[tuple[str, Any]],
-             axes: tuple[str, ...], mesh: jax.sharding.Mesh) -> P:
+             axes: tuple[str, ...], mesh: jax.sharding.Mesh,
+             min_size: int = MIN_SHARDED_SIZE) -> P:
   """First rule whose regex matches the parameter path: 'auto', 'replicate' or a spec tuple."""
   for pattern, tactic in rules:
     if re.fullmatch(pattern, path):
       if tactic == AUTO:
-        return auto_spec(shape, axes, mesh)
+        return auto_spec(shape, axes, mesh, min_size)
       if tactic == "replicate":
         return P()
       spec = tuple(tactic)
@@ -77,24 +79,27 @@ def spec_for(path: str, shape: Sequence[int], rules: Sequence[tuple[str, Any]],
   return P()
 
 
-def tree_specs(tree, rules, axes, mesh):
+def tree_specs(tree, rules, axes, mesh, min_size: int = MIN_SHARDED_SIZE):
   return jax.tree_util.tree_map_with_path(
-      lambda p, x: spec_for(path_string(p), x.shape, rules, axes, mesh), tree)
+      lambda p, x: spec_for(path_string(p), x.shape, rules, axes, mesh, min_size), tree)
 
 
 class ShardingPlan:
   """Shardings of parameters, gradients and optimizer state for one ZeRO stage."""
 
-  def __init__(self, mesh: jax.sharding.Mesh, *, zero_stage: int, rules, data_axes=None):
+  def __init__(self, mesh: jax.sharding.Mesh, *, zero_stage: int, rules, data_axes=None,
+               min_sharded_size: int = MIN_SHARDED_SIZE):
     if zero_stage not in (0, 1, 2, 3):
       raise ValueError(f"mesh.zero_stage must be 0, 1, 2 or 3, got {zero_stage}")
     self.mesh = mesh
     self.zero_stage = zero_stage
     self.rules = [tuple(r) for r in rules]
     self.data_axes = tuple(data_axes or mesh.axis_names)
+    # 'auto' leaves below this many elements replicate (0 shards all: tiny test models).
+    self.min_sharded_size = min_sharded_size
 
   def _sharded(self, tree):
-    specs = tree_specs(tree, self.rules, self.data_axes, self.mesh)
+    specs = tree_specs(tree, self.rules, self.data_axes, self.mesh, self.min_sharded_size)
     return jax.tree.map(lambda s: NamedSharding(self.mesh, s), specs,
                         is_leaf=lambda x: isinstance(x, P))
 

@@ -1,0 +1,223 @@
+"""Two processes x two fake CPU devices on 127.0.0.1 run the main job like one 4-device process.
+
+The pair is started by launch/local_multiprocess.sh (jax.distributed on localhost, each
+process reading its own share of the digits train split). This file, run as a script in one
+process with 4 devices, is the reference: the same model and optimizer fed the same global
+batches (both processes' shares, concatenated in process order), then the pair's last
+checkpoint restored onto its 4 devices and evaluated through the eval-only path.
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCHER = os.path.join(REPO, "launch", "local_multiprocess.sh")
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+NUM_PROCESSES, DEVICES_PER_PROCESS = 2, 2
+
+# Overrides of configs/digits.py:tiny, given to the pair on the command line and applied to
+# the reference's config: a one-stage model, fine-tuning from scratch then evaluation, a loss
+# logged every step and one checkpoint at the end. lr 1e-2 from the first step moves the
+# parameters ~1e-2, so a 1e-5 agreement means something.
+OVERRIDES = {
+    "model.embed_dim": 16, "model.depths": (2,), "model.num_heads": (1,),
+    "stages": ("finetune", "eval"),
+    "finetune.init": "scratch", "finetune.pretrained_window_sizes": 4,
+    "finetune.steps": 4, "finetune.warmup_steps": 0, "finetune.base_lr": 0.32,
+    "finetune.log_every": 1, "finetune.checkpoint_every": 4,
+}
+
+
+def digits_tiny_config(data_dir: str):
+  spec = importlib.util.spec_from_file_location("digits_config",
+                                                os.path.join(REPO, "configs", "digits.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("tiny")
+  config.update_from_flattened_dict(dict(OVERRIDES, **{"data.data_dir": data_dir}))
+  return config
+
+
+def _flat(tree) -> np.ndarray:
+  import jax
+  return np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(tree)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference: one process, 4 devices (run as a script).
+# ---------------------------------------------------------------------------------------------
+def _reference(data_dir: str, workdir: str, out: str):
+  import jax
+  from swinv2_jax import data as data_lib
+  from swinv2_jax import sharding
+  from swinv2_jax import train
+
+  assert jax.process_count() == 1 and jax.device_count() == 4, jax.devices()
+  config = digits_tiny_config(data_dir)
+  num_classes = data_lib.dataset_info(config.data).num_classes
+  s = config.finetune
+  plan = train.make_plan(config)
+  trainer = train.make_trainer(config, train.finetune_task(config, num_classes), plan)
+  # Each process of the pair reads its own share; here both shares make the global batch, in
+  # process order (the mesh lists process 0's devices first).
+  shares = [data_lib.build_train_iterator(
+      config.data, kind="supervised", image_size=s.img_size, global_batch_size=s.batch_size,
+      seed=config.seed, process_index=p, process_count=NUM_PROCESSES)
+            for p in range(NUM_PROCESSES)]
+  rng = jax.jit(lambda: jax.random.key(config.seed + 1), out_shardings=plan.replicated())()
+  step = train.compile_step(trainer, train.abstract_batch(config, trainer.task, s.batch_size))
+  state, losses = trainer.init(), []
+  initial = _flat(state["params"])
+  for _ in range(s.steps):
+    parts = [next(it) for it in shares]
+    local = {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
+    state, metrics = step(state, sharding.global_batch(local, plan.batch), rng)
+    losses.append(float(metrics["loss"]))
+
+  # The pair's checkpoint, restored onto this process's 4 devices.
+  restored, _ = train.load_eval_params(config, workdir, num_classes, plan)
+  # And the whole eval-only path of the main job on it.
+  config.eval_only = True
+  result = train.run(config, workdir)
+  np.savez(out, loss=np.array(losses), initial=initial, params=_flat(state["params"]),
+           restored=_flat(restored), eval=json.dumps(result))
+
+
+# ---------------------------------------------------------------------------------------------
+# The test.
+# ---------------------------------------------------------------------------------------------
+def _cli_value(value) -> str:
+  return repr(tuple(value)) if isinstance(value, tuple) else str(value)
+
+
+def _env(extra_xla_flags: str = "") -> dict:
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = " ".join([env.get("XLA_FLAGS", ""), FAST_COMPILE, extra_xla_flags]).strip()
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
+  # The suite's compilation cache (tests/conftest.py), for the children too.
+  import jax
+  if jax.config.jax_compilation_cache_dir:
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", jax.config.jax_compilation_cache_dir)
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  return env
+
+
+def _run(cmd, env, timeout, what):
+  """Runs `cmd` in its own process group, so a hang can be ended with all it started."""
+  child = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True, start_new_session=True, cwd=REPO)
+  try:
+    log, _ = child.communicate(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    os.killpg(child.pid, signal.SIGKILL)
+    log, _ = child.communicate()
+    pytest.fail(f"{what} ran past {timeout} s:\n{log[-4000:]}")
+  assert child.returncode == 0, f"{what} failed (exit {child.returncode}):\n{log[-6000:]}"
+  return log
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  """The digits set prepared once here, so the processes only read it."""
+  from swinv2_jax import data as data_lib
+  path = str(tmp_path_factory.mktemp("tfds"))
+  cfg = digits_tiny_config(path).data
+  assert data_lib.dataset_info(cfg).num_train_examples == 1437
+  return path
+
+
+def test_two_processes_match_one_and_their_checkpoint_restores_on_one(data_dir, tmp_path):
+  workdir, logs = str(tmp_path / "run"), str(tmp_path / "logs")
+  overrides = dict(OVERRIDES, **{"data.data_dir": data_dir})
+  cmd = [LAUNCHER, str(NUM_PROCESSES), str(DEVICES_PER_PROCESS), "--config=configs/digits.py:tiny",
+         f"--workdir={workdir}"] + [f"--config.{k}={_cli_value(v)}" for k, v in overrides.items()]
+  _run(cmd, dict(_env(), LOG_DIR=logs), timeout=300, what="the 2-process main job")
+  for p in range(NUM_PROCESSES):
+    with open(os.path.join(logs, f"process_{p}.log")) as f:
+      assert f"process {p} of {NUM_PROCESSES}, {DEVICES_PER_PROCESS} local / 4 global" in f.read()
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    pair_losses = [json.loads(line)["loss"] for line in f]
+  with open(os.path.join(workdir, "eval.json")) as f:
+    pair_eval = json.load(f)
+  assert sorted(os.listdir(os.path.join(workdir, "finetune", "checkpoints"))) == ["4"]
+
+  out = str(tmp_path / "reference.npz")
+  _run([sys.executable, os.path.abspath(__file__), "--data-dir", data_dir, "--workdir", workdir,
+        "--out", out], _env("--xla_force_host_platform_device_count=4"), timeout=300,
+       what="the 1-process reference")
+  ref = np.load(out)
+
+  np.testing.assert_allclose(pair_losses, ref["loss"], rtol=0, atol=1e-5)
+  # The pair's final parameters (saved by both processes, restored here on 4 devices) equal
+  # the reference's after the same steps.
+  np.testing.assert_allclose(ref["restored"], ref["params"], rtol=0, atol=1e-5)
+  assert np.max(np.abs(ref["params"] - ref["initial"])) > 1e-3  # the steps did train
+  single_eval = json.loads(str(ref["eval"]))
+  assert single_eval["num_examples"] == pair_eval["num_examples"] == 360
+  assert single_eval["checkpoint"] == pair_eval["checkpoint"]
+  # Same parameters, same examples: at most a near-tie may flip between the two runs.
+  for key in ("top1", "top5"):
+    assert abs(single_eval[key] - pair_eval[key]) <= 1 / 360, (key, single_eval, pair_eval)
+
+
+def _start_up(monkeypatch, coordinator_address="", **env):
+  """The arguments swinv2_jax.distributed.initialize gives jax.distributed.initialize."""
+  import jax
+  import ml_collections
+  from swinv2_jax import distributed
+  for key in list(os.environ):
+    if key.startswith(("SLURM_", "JAX_COORDINATOR", "JAX_NUM_PROC", "JAX_PROCESS", "TPU_")) or \
+        key == "CUDA_VISIBLE_DEVICES":
+      monkeypatch.delenv(key)
+  for key, value in env.items():
+    monkeypatch.setenv(key, value)
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
+  monkeypatch.setattr(jax, "process_index", lambda: 0)
+  cfg = ml_collections.ConfigDict(dict(coordinator_address=coordinator_address,
+                                       num_processes=0, process_id=-1))
+  distributed.initialize(cfg)
+  return calls
+
+
+def test_start_up_order_of_precedence(monkeypatch):
+  slurm = dict(SLURM_JOB_ID="7", SLURM_NTASKS="16", SLURM_STEP_NUM_NODES="2",
+               SLURM_PROCID="3", SLURM_LOCALID="3")
+  assert _start_up(monkeypatch) == []  # nothing set: one process
+  assert _start_up(monkeypatch, **slurm) == [((), dict(local_device_ids=None))]
+  # The local / Kubernetes launchers' variables win over a surrounding SLURM allocation.
+  local = dict(JAX_COORDINATOR_ADDRESS="127.0.0.1:5", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID="1")
+  assert _start_up(monkeypatch, **local, **slurm) == [(("127.0.0.1:5", 2, 1), {})]
+  assert _start_up(monkeypatch, "auto") == [((), dict(local_device_ids=None))]
+
+
+def test_slurm_tasks_get_the_gpus_they_see(monkeypatch):
+  # One task per GPU: JAX's own choice (GPU SLURM_LOCALID).
+  per_gpu = dict(SLURM_JOB_ID="7", SLURM_NTASKS="16", SLURM_STEP_NUM_NODES="2",
+                 CUDA_VISIBLE_DEVICES="0,1,2,3,4,5,6,7")
+  assert _start_up(monkeypatch, **per_gpu) == [((), dict(local_device_ids=None))]
+  per_node = dict(per_gpu, SLURM_NTASKS="2")
+  assert _start_up(monkeypatch, **per_node) == [((), dict(local_device_ids=list(range(8))))]
+  bound = dict(per_gpu, CUDA_VISIBLE_DEVICES="5")  # --gpus-per-task=1: the task sees one
+  assert _start_up(monkeypatch, **bound) == [((), dict(local_device_ids=[0]))]
+  no_cuda_list = dict(SLURM_JOB_ID="7", SLURM_NTASKS="2", SLURM_NNODES="2",
+                      SLURM_GPUS_ON_NODE="4")
+  assert _start_up(monkeypatch, **no_cuda_list) == [((), dict(local_device_ids=[0, 1, 2, 3]))]
+
+
+if __name__ == "__main__":
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--data-dir", required=True)
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--out", required=True)
+  args = parser.parse_args()
+  _reference(args.data_dir, args.workdir, args.out)

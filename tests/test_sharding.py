@@ -1,0 +1,265 @@
+"""ZeRO stages on fake CPU devices, and the mesh / rule building blocks.
+
+The multi-device cases run this file as a script in subprocesses (the device count is fixed
+when jax starts): each child builds the tiny digits model through `train.make_trainer` at some
+ZeRO stages, measures the created state's shards, trains a few steps on fixed synthetic
+batches and writes losses, parameters and byte counts to an .npz that the tests compare.
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import AbstractMesh, PartitionSpec as P
+
+from swinv2_jax import sharding
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 3
+GLOBAL_BATCH = 16
+# Which ZeRO stages each device count trains (the 1-device run is the reference).
+RUNS = {1: (0,), 2: (0,), 8: (1, 2, 3)}
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+# ---------------------------------------------------------------------------------------------
+# Child: one device count, several ZeRO stages.
+# ---------------------------------------------------------------------------------------------
+def _tiny_config():
+  spec = importlib.util.spec_from_file_location("digits_config",
+                                                os.path.join(REPO, "configs", "digits.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config("tiny")
+  # One model stage of two blocks (a shifted window pair): compiles fastest on 2 cores.
+  c.model.embed_dim, c.model.depths, c.model.num_heads = 16, (2,), (1,)
+  c.finetune.pretrained_window_sizes = 4
+  c.finetune.batch_size = GLOBAL_BATCH
+  c.finetune.drop_path_rate = 0.1  # the step draws random numbers: they must not depend on sharding
+  c.finetune.init = "scratch"
+  # Peak lr 1e-2 from the first step: parameters move ~1e-2, far beyond the 1e-5 tolerance.
+  c.finetune.base_lr, c.finetune.warmup_steps = 0.32, 0
+  return c
+
+
+def _state_bytes_per_device(tree) -> int:
+  """The most bytes any one device holds of `tree`, from the arrays' real shards."""
+  held = {}
+  for leaf in jax.tree.leaves(tree):
+    for shard in leaf.addressable_shards:
+      held[shard.device] = held.get(shard.device, 0) + shard.data.nbytes
+  return max(held.values())
+
+
+def _flat(tree) -> np.ndarray:
+  return np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(tree)])
+
+
+def _total_bytes(tree) -> int:
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def _child(num_devices: int, stages: tuple[int, ...], train_stages: tuple[int, ...], out: str):
+  from swinv2_jax import train  # after XLA_FLAGS took effect (the parent set it)
+
+  assert jax.device_count() == num_devices, jax.devices()
+  config = _tiny_config()
+  task = train.finetune_task(config, num_classes=10)
+  data = np.random.default_rng(0)
+  batches = [dict(image=data.normal(size=(GLOBAL_BATCH, 32, 32, 3)).astype(np.float32),
+                  label=data.integers(0, 10, size=(GLOBAL_BATCH,)).astype(np.int32))
+             for _ in range(STEPS)]
+  results = {}
+  for stage in stages:
+    mesh = sharding.make_mesh(config.mesh.axes, config.mesh.shape)
+    # min_sharded_size=0: the tiny model's leaves are all below the production threshold.
+    plan = sharding.ShardingPlan(mesh, zero_stage=stage, rules=config.mesh.rules,
+                                 min_sharded_size=0)
+    trainer = train.make_trainer(config, task, plan)
+    state = trainer.init()
+    abstract, shardings = trainer.abstract_state, trainer.state_shardings
+    for part in ("params", "opt_state"):
+      results[f"z{stage}/{part}/total"] = _total_bytes(abstract[part])
+      results[f"z{stage}/{part}/held"] = _state_bytes_per_device(state[part])
+      results[f"z{stage}/{part}/planned"] = sharding.per_device_bytes(abstract[part],
+                                                                      shardings[part])
+    results[f"z{stage}/grads/planned"] = sharding.per_device_bytes(
+        abstract["params"], plan.grads(abstract["params"]))
+    if stage not in train_stages:
+      continue
+    rng = jax.jit(lambda: jax.random.key(1), out_shardings=plan.replicated())()
+    # The step exactly as the main job compiles it (ahead of time, under the mesh).
+    step = train.compile_step(trainer, train.abstract_batch(config, task, GLOBAL_BATCH))
+    results[f"z{stage}/init_params"] = _flat(state["params"])
+    losses = []
+    for local in batches:
+      batch = sharding.global_batch(local, plan.batch)
+      state, metrics = step(state, batch, rng)
+      losses.append(float(metrics["loss"]))
+    results[f"z{stage}/loss"] = np.array(losses)
+    results[f"z{stage}/params"] = _flat(state["params"])
+
+  if num_devices == 8:
+    # -1 takes the devices left over, in any position.
+    results["mesh_shapes"] = json.dumps([
+        list(sharding.make_mesh(("a", "b"), shape).devices.shape)
+        for shape in ((2, -1), (-1, 2), (8, -1))])
+    # The production threshold on a real model: SwinV2-T's abstract state (nothing allocated).
+    from swinv2_jax import config as config_lib
+    c = config_lib.base_config()
+    c.mesh.zero_stage, c.finetune.init = 3, "scratch"
+    trainer = train.make_trainer(c, train.finetune_task(c, 1000), train.make_plan(c))
+    abstract, shardings = trainer.abstract_state, trainer.state_shardings
+    results["swinv2_tiny/total"] = sum(_total_bytes(abstract[k]) for k in ("params", "opt_state"))
+    results["swinv2_tiny/planned"] = sum(sharding.per_device_bytes(abstract[k], shardings[k])
+                                         for k in ("params", "opt_state"))
+  np.savez(out, **results)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parent: start the children together (two cores: they overlap their compiles), compare.
+# ---------------------------------------------------------------------------------------------
+def child_env(num_devices: int) -> dict:
+  env = dict(os.environ)
+  # Cheap LLVM code generation: compiling dominates these runs, 3x faster on 2 cores.
+  env["XLA_FLAGS"] = " ".join([env.get("XLA_FLAGS", ""), FAST_COMPILE,
+                               f"--xla_force_host_platform_device_count={num_devices}"]).strip()
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
+  # Children share the suite's compilation cache (tests/conftest.py) across runs.
+  env.setdefault("JAX_COMPILATION_CACHE_DIR", jax.config.jax_compilation_cache_dir or "")
+  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  return env
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """{device count: npz contents}, from one child per device count run side by side."""
+  out_dir = tmp_path_factory.mktemp("zero")
+  children = {}
+  for n, train_stages in RUNS.items():
+    stages = (0, 1, 2, 3) if n == 8 else train_stages
+    cmd = [sys.executable, os.path.abspath(__file__), "--devices", str(n),
+           "--stages", ",".join(map(str, stages)),
+           "--train-stages", ",".join(map(str, train_stages)),
+           "--out", str(out_dir / f"{n}.npz")]
+    children[n] = subprocess.Popen(cmd, env=child_env(n), stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True)
+  failed = []
+  for n, child in children.items():
+    log, _ = child.communicate(timeout=600)
+    if child.returncode:
+      failed.append(f"--- {n} devices, exit {child.returncode}:\n{log[-4000:]}")
+  assert not failed, "\n".join(failed)
+  return {n: dict(np.load(out_dir / f"{n}.npz")) for n in RUNS}
+
+
+def _ratio(run, key, stage):
+  """Bytes one device holds relative to an even split over 8 devices."""
+  return run[f"z{stage}/{key}/held"] / (run[f"z{stage}/{key}/total"] / 8)
+
+
+def test_zero_stages_hold_the_expected_share_per_device(runs):
+  run = runs[8]
+  for stage in (0, 1, 2, 3):
+    for key in ("params", "opt_state"):  # the created arrays hold what the plan says
+      assert run[f"z{stage}/{key}/held"] == run[f"z{stage}/{key}/planned"], (stage, key)
+  both = lambda z: ((run[f"z{z}/params/held"] + run[f"z{z}/opt_state/held"]) /
+                    ((run[f"z{z}/params/total"] + run[f"z{z}/opt_state/total"]) / 8))
+  # ZeRO 0: everything whole on every device.
+  assert _ratio(run, "params", 0) == 8 and _ratio(run, "opt_state", 0) == 8
+  # ZeRO 1 and 2: the optimizer state split 8 ways, the parameters whole.
+  for stage in (1, 2):
+    assert _ratio(run, "params", stage) == 8
+    assert 1 <= _ratio(run, "opt_state", stage) <= 1.05, _ratio(run, "opt_state", stage)
+  # ZeRO 2 also plans the gradients split; ZeRO 3 the parameters as well.
+  assert run["z1/grads/planned"] == run["z1/params/total"]
+  assert run["z2/grads/planned"] <= 1.05 * run["z2/params/total"] / 8
+  assert 1 <= both(3) <= 1.05, both(3)
+  # The production threshold (small leaves replicate) still splits a real model evenly.
+  real = run["swinv2_tiny/planned"] / (run["swinv2_tiny/total"] / 8)
+  assert 1 <= real <= 1.05, real
+
+
+def test_training_is_identical_at_every_stage_and_device_count(runs):
+  reference = runs[1]
+  assert np.all(np.isfinite(reference["z0/loss"]))
+  assert np.ptp(reference["z0/params"]) > 0
+  for n, stages in RUNS.items():
+    for stage in stages:
+      got = runs[n]
+      np.testing.assert_allclose(got[f"z{stage}/loss"], reference["z0/loss"], rtol=0, atol=1e-5,
+                                 err_msg=f"loss, {n} devices, ZeRO {stage}")
+      np.testing.assert_allclose(got[f"z{stage}/params"], reference["z0/params"], rtol=0,
+                                 atol=1e-5, err_msg=f"params, {n} devices, ZeRO {stage}")
+  # The steps moved the parameters well beyond the tolerance, so the comparison has teeth.
+  assert np.max(np.abs(reference["z0/params"] - reference["z0/init_params"])) > 1e-3
+
+
+def test_make_mesh_rejects_bad_shapes():
+  with pytest.raises(ValueError, match="differ in length"):
+    sharding.make_mesh(("data",), (1, 1))
+  with pytest.raises(ValueError, match="at most one -1"):
+    sharding.make_mesh(("a", "b"), (-1, -1))
+  with pytest.raises(ValueError, match="does not divide"):
+    sharding.make_mesh(("a", "b"), (3, -1), devices=list(range(8)))
+  with pytest.raises(ValueError, match="needs 4 devices, 8 are available"):
+    sharding.make_mesh(("a", "b"), (2, 2), devices=list(range(8)))
+
+
+def test_make_mesh_fills_minus_one(runs):
+  assert json.loads(str(runs[8]["mesh_shapes"])) == [[2, 4], [4, 2], [8, 1]]
+
+
+MESH = AbstractMesh((8, 2), ("data", "model"))
+
+
+def test_auto_spec_shards_the_largest_divisible_dimension():
+  assert sharding.auto_spec((24, 4096), ("data",), MESH) == P(None, "data")
+  assert sharding.auto_spec((4096, 4100), ("data",), MESH) == P("data", None)  # 4100 % 8 != 0
+  assert sharding.auto_spec((64, 64, 8), ("data",), MESH) == P("data", None, None)  # tie: first
+  assert sharding.auto_spec((64, 4096), ("data", "model"), MESH) == P(None, ("data", "model"))
+  assert sharding.auto_spec((4099, 7), ("data",), MESH) == P()  # nothing divisible
+
+
+def test_auto_spec_replicates_tiny_leaves():
+  small = (8, sharding.MIN_SHARDED_SIZE // 8 - 8)
+  assert sharding.auto_spec(small, ("data",), MESH) == P()
+  assert sharding.auto_spec(small, ("data",), MESH, min_size=0) == P(None, "data")
+  assert sharding.auto_spec((8, sharding.MIN_SHARDED_SIZE // 8), ("data",), MESH) == P(
+      None, "data")
+  assert sharding.auto_spec((4096,), ("data",), AbstractMesh((1,), ("data",))) == P()
+
+
+def test_rules_map_paths_to_specs_first_match_wins():
+  rules = [(r".*\.attn\.qkv\.kernel", (None, "model")), (r".*norm.*", "replicate"),
+           (r"head\..*", "auto"), (r".*", "replicate")]
+  spec = lambda path, shape: sharding.spec_for(path, shape, rules, ("data",), MESH)
+  assert spec("layers.0.attn.qkv.kernel", (96, 288)) == P(None, "model")
+  assert spec("layers.0.norm1.scale", (4096,)) == P()
+  assert spec("head.kernel", (768, 1000)) == P(None, "data")
+  assert spec("patch_embed.kernel", (4096, 96)) == P()
+  assert sharding.spec_for("x", (4096,), [], ("data",), MESH) == P()  # no rule: replicate
+
+
+def test_rule_with_a_wrong_number_of_entries_is_an_error():
+  with pytest.raises(ValueError, match="one entry per dimension"):
+    sharding.spec_for("layers.0.attn.qkv.kernel", (1, 96, 288),
+                      [(r".*qkv.*", (None, "model"))], ("data",), MESH)
+
+
+if __name__ == "__main__":
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--devices", type=int, required=True)
+  parser.add_argument("--stages", required=True)
+  parser.add_argument("--train-stages", required=True)
+  parser.add_argument("--out", required=True)
+  args = parser.parse_args()
+  _child(args.devices, tuple(int(s) for s in args.stages.split(",")),
+         tuple(int(s) for s in args.train_stages.split(",")), args.out)

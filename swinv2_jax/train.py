@@ -226,12 +226,17 @@ def abstract_batch(config, task: Task, global_batch: int) -> dict:
   return batch
 
 
-def compile_step(trainer: Trainer, batch_spec: dict):
+def lower_step(trainer: Trainer, batch_spec: dict):
   shardings = batch_shardings(trainer.plan, batch_spec)
   state = checkpointing.abstract_with_shardings(trainer.abstract_state, trainer.state_shardings)
   batch = checkpointing.abstract_with_shardings(batch_spec, shardings)
   rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=trainer.plan.replicated())
-  return trainer.step.lower(state, batch, rng).compile()
+  with jax.set_mesh(trainer.plan.mesh):  # lets the model gather scanned weights per group
+    return trainer.step.lower(state, batch, rng)
+
+
+def compile_step(trainer: Trainer, batch_spec: dict):
+  return lower_step(trainer, batch_spec).compile()
 
 
 def memory_summary(compiled, trainer: Trainer) -> dict:

@@ -5,7 +5,7 @@ The recipe is the paper's for G (REFERENCE.md, "SimMIM", G recipe; appendix of L
             is per 512 images, so 1.4e-3 * 512 / 9216), 30k warmup steps, wd 0.1, clip 100.
             The paper's 70M-image set is not public: data is imagenet2012-style here.
   finetune: 1536/w32 (the paper's COCO resolution, here a classifier); stage 4 (48x48) takes
-            24x24 windows (the preset's single 48x48 window does not fit 40 GB, see below);
+            24x24 windows (a single 48x48 window does not fit 40 GB, see below);
             position tables normalised by the 192/w12 windows (12,12,12,6).
             Layer decay 0.87 and drop path 0.3 of the paper's supervised stage; batch 576 and
             lr 2.1e-5 of its ImageNet-1K fine-tune. Step counts are ours (the paper gives

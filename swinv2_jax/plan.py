@@ -116,7 +116,7 @@ def summarize(trainer: train.Trainer, compiled, config, *, global_batch: int,
 
 
 def _gib(n: float) -> str:
-  return f"{n / 2**30:8.2f} GiB"
+  return f"{n / 2**30:8.2f} GiB" if n >= 2**30 else f"{n / 2**20:8.1f} MiB"
 
 
 def format_table(summary: dict) -> str:

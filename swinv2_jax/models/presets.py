@@ -49,7 +49,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "swinv2_giant_window40_640": dict(_GIANT, img_size=640, window_size=40,
                                       pretrained_window_sizes=_FROM_W12),
     # 1536 / w32 (the paper's COCO resolution): stage 4 is 48x48, not a multiple of 32, so it
-    # takes one 48x48 window (REFERENCE.md, "Window grids at high resolution").
-    "swinv2_giant_window32_1536": dict(_GIANT, img_size=1536, window_size=(32, 32, 32, 48),
+    # takes four 24x24 windows (REFERENCE.md, "Window grids at high resolution"); one 48x48
+    # window would need 47 GiB per device on 8 devices instead of 32 (docs/memory_plan.md).
+    "swinv2_giant_window32_1536": dict(_GIANT, img_size=1536, window_size=(32, 32, 32, 24),
                                        pretrained_window_sizes=_FROM_W12),
 }

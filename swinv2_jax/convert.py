@@ -32,7 +32,7 @@ import json
 import os
 import re
 import struct
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp

@@ -28,7 +28,6 @@ from swinv2_jax import data as data_lib
 from swinv2_jax import optim
 from swinv2_jax import sharding as sharding_lib
 from swinv2_jax import simmim
-from swinv2_jax.models import complexity
 from swinv2_jax.models.swinv2 import SwinTransformerV2
 
 Params = Any
@@ -298,15 +297,13 @@ def train_stage(config, workdir: str, task: Task, plan, writer: MetricWriter,
   summary = memory_plan.summarize(trainer, compiled, config, global_batch=s.batch_size,
                                   compile_s=time.perf_counter() - compile_start)
   logging.info("%s: compiled step\n%s", task.name, memory_plan.format_table(summary))
-  shardings = batch_shardings(plan, abstract_batch(config, task, s.batch_size))
   # Made by a jit rather than device_put: every process holds it, also on multi-host meshes.
   rng = jax.jit(lambda: jax.random.key(config.seed + 1), out_shardings=plan.replicated())()
   step = int(jax.device_get(state["step"]))
   last_log_time, last_log_step = time.time(), step
   while step < s.steps:
     local = next(iterator)
-    batch = sharding_lib.global_batch(local, lambda ndim: plan.batch(ndim))
-    batch = {k: jax.device_put(v, shardings[k]) for k, v in batch.items()}
+    batch = sharding_lib.global_batch(local, plan.batch)
     state, metrics = compiled(state, batch, rng)
     step += 1
     save_now = step % s.checkpoint_every == 0 or step == s.steps
@@ -371,7 +368,7 @@ def evaluate(config, params: Params, num_classes: int, plan) -> dict:
   eval_iter = data_lib.build_eval_iterator(config.data, image_size=config.finetune.img_size,
                                            global_batch_size=config.eval.batch_size)
   for local in eval_iter:
-    batch = sharding_lib.global_batch(local, lambda ndim: plan.batch(ndim))
+    batch = sharding_lib.global_batch(local, plan.batch)
     for k, v in jax.device_get(counts(params, batch)).items():
       totals[k] += float(v)
   n = max(totals["count"], 1.0)

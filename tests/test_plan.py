@@ -99,3 +99,20 @@ def test_dry_run_refuses_a_backend_started_with_other_devices():
   result = _run(code)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "refused:" in result.stdout and "not 8" in result.stdout
+
+
+@pytest.mark.slow
+def test_giant_1536_fits_40_gb_on_eight_devices(tmp_path):
+  """The real G-1536 plan (minutes and ~11 GB of RAM to compile): `-m slow` only."""
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("XLA_FLAGS", "JAX_PLATFORMS", "JAX_NUM_CPU_DEVICES")}
+  result = subprocess.run(
+      [sys.executable, "-m", "swinv2_jax.main", "--config=configs/g_1536.py",
+       f"--workdir={tmp_path}", "--config.dry_run=True"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+  assert result.returncode == 0, result.stderr[-3000:]
+  plan = json.loads((tmp_path / "plan.json").read_text())
+  per_device = plan["per_device_bytes"]
+  assert plan["params"] == 3_001_940_680
+  assert per_device["total"] < 40e9, per_device
+  assert per_device["params"] == pytest.approx(plan["params"] * 4 / 8, rel=0.05)

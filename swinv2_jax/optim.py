@@ -3,7 +3,7 @@ of the official Swin / SimMIM recipes (REFERENCE.md, "SimMIM")."""
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -80,15 +80,11 @@ def layer_scales(params: Params, depths: Sequence[int], blocks_per_group: Sequen
   return jax.tree.map(scale, layer_ids(params, depths, blocks_per_group), params)
 
 
-class _ScaleState(NamedTuple):
-  pass
-
-
 def scale_by_tree(scales: Params) -> optax.GradientTransformation:
   """Multiplies each update by its (broadcast) per-parameter scale: layer-wise lr decay."""
 
   def init(_):
-    return _ScaleState()
+    return optax.EmptyState()
 
   def update(updates, state, params=None):
     del params

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import g_1536  # noqa: E402  (configs/, on the path above)
 from swinv2_jax import config as config_lib  # noqa: E402
 from swinv2_jax import plan  # noqa: E402
-from swinv2_jax import train  # noqa: E402
+from swinv2_jax import trainer as trainer_lib  # noqa: E402
 
 REMATS = ("none", "full", "dots", "dots_no_batch")
 
@@ -49,12 +49,12 @@ def model_config(model: str, batch: int):
 
 
 def compiled_temp(config, devices, compiler_options=None) -> tuple[int, float]:
-  sharding_plan = train.make_plan(config, devices)
-  task = train.finetune_task(config, 1000)
-  trainer = train.make_trainer(config, task, sharding_plan)
-  batch = train.abstract_batch(config, task, config.finetune.batch_size)
+  layout = trainer_lib.make_layout(config, devices)
+  task = trainer_lib.finetune_task(config, 1000)
+  trainer = trainer_lib.make_trainer(config, task, layout)
+  batch = trainer_lib.abstract_batch(config, task, config.finetune.batch_size)
   start = time.perf_counter()
-  compiled = train.lower_step(trainer, batch).compile(compiler_options)
+  compiled = trainer_lib.lower_step(trainer, batch).compile(compiler_options)
   return compiled.memory_analysis().temp_size_in_bytes, time.perf_counter() - start
 
 

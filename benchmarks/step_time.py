@@ -22,6 +22,7 @@ import numpy as np  # noqa: E402
 import memory  # noqa: E402  (benchmarks/memory.py: the same SwinV2-T config)
 from swinv2_jax import plan  # noqa: E402
 from swinv2_jax import train  # noqa: E402
+from swinv2_jax import trainer as trainer_lib
 
 # remat policy : sequential attention (1 = off, else the T pieces per stage of memory.py)
 DEFAULT_VARIANTS = "none:1,full:1,dots:1,none:seq,full:seq"
@@ -29,19 +30,19 @@ DEFAULT_VARIANTS = "none:1,full:1,dots:1,none:seq,full:seq"
 
 def step_seconds(config, devices, steps: int) -> tuple[float, float]:
   """(median seconds per step after one warm-up step, compile seconds)."""
-  sharding_plan = train.make_plan(config, devices)
-  task = train.finetune_task(config, 1000)
-  trainer = train.make_trainer(config, task, sharding_plan)
-  spec = train.abstract_batch(config, task, config.finetune.batch_size)
+  layout = trainer_lib.make_layout(config, devices)
+  task = trainer_lib.finetune_task(config, 1000)
+  trainer = trainer_lib.make_trainer(config, task, layout)
+  spec = trainer_lib.abstract_batch(config, task, config.finetune.batch_size)
   start = time.perf_counter()
-  compiled = train.compile_step(trainer, spec)
+  compiled = trainer_lib.compile_step(trainer, spec)
   compile_s = time.perf_counter() - start
   rng = np.random.default_rng(0)
   batch = dict(image=rng.normal(size=spec["image"].shape).astype(np.float32),
                label=rng.integers(0, 1000, spec["label"].shape).astype(np.int32))
-  shardings = train.batch_shardings(sharding_plan, spec)
+  shardings = train.batch_shardings(layout, spec)
   batch = {k: jax.device_put(v, shardings[k]) for k, v in batch.items()}
-  key = jax.device_put(jax.random.key(0), sharding_plan.replicated())
+  key = jax.device_put(jax.random.key(0), layout.replicated())
   state = trainer.init()
   times = []
   for i in range(steps + 1):

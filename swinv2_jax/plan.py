@@ -24,7 +24,7 @@ from absl import logging
 from swinv2_jax import config as config_lib
 from swinv2_jax import data as data_lib
 from swinv2_jax import sharding as sharding_lib
-from swinv2_jax import train
+from swinv2_jax import trainer as trainer_lib
 from swinv2_jax.models import complexity
 
 MEMORY_SCHEDULER_FLAG = "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"
@@ -81,14 +81,32 @@ def training_flops(config, stage: str, global_batch: int) -> float:
   return 3 * 2 * complexity.count_macs(args) * global_batch
 
 
-def summarize(trainer: train.Trainer, compiled, config, *, global_batch: int,
+def memory_summary(compiled, trainer: trainer_lib.Trainer) -> dict:
+  """Per-device bytes of params / optimizer state from the shardings, temporaries from XLA."""
+  params = sharding_lib.per_device_bytes(trainer.abstract_state["params"],
+                                         trainer.state_shardings["params"])
+  opt = sharding_lib.per_device_bytes(trainer.abstract_state["opt_state"],
+                                      trainer.state_shardings["opt_state"])
+  if "ema" in trainer.abstract_state:
+    opt += sharding_lib.per_device_bytes(trainer.abstract_state["ema"],
+                                         trainer.state_shardings["ema"])
+  mem = compiled.memory_analysis()
+  temp = int(getattr(mem, "temp_size_in_bytes", 0)) if mem is not None else 0
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get("flops", 0.0)) if cost else 0.0
+  return dict(params=params, opt_state=opt, temp=temp, total=params + opt + temp,
+              flops_per_step=flops)
+
+
+def summarize(trainer: trainer_lib.Trainer, compiled, config, *, global_batch: int,
               compile_s: float) -> dict:
   """Everything the table and plan.json report, from the compiled step and the shardings."""
-  memory = train.memory_summary(compiled, trainer)
+  memory = memory_summary(compiled, trainer)
   grads = sharding_lib.per_device_bytes(trainer.abstract_state["params"],
-                                        trainer.plan.grads(trainer.abstract_state["params"]))
+                                        trainer.layout.grads(trainer.abstract_state["params"]))
   analysis = compiled.memory_analysis()
-  mesh = trainer.plan.mesh
+  mesh = trainer.layout.mesh
   model = config.model
   return dict(
       stage=trainer.task.name,
@@ -105,7 +123,7 @@ def summarize(trainer: train.Trainer, compiled, config, *, global_batch: int,
           xla_aliased=int(getattr(analysis, "alias_size_in_bytes", 0))),
       compile_s=round(compile_s, 2),
       settings=dict(
-          zero_stage=trainer.plan.zero_stage, remat=model.remat,
+          zero_stage=trainer.layout.zero_stage, remat=model.remat,
           attention_chunks=model.attention_chunks, dtype=model.dtype,
           model=model.name, img_size=trainer.task.stage_cfg.img_size,
           window_size=trainer.task.stage_cfg.window_size,
@@ -151,13 +169,14 @@ def dry_run(config, workdir: str) -> dict:
   config_lib.validate(config)
   p = config.plan
   devices = use_fake_cpu_devices(p.num_devices)
-  sharding_plan = train.make_plan(config, devices)
-  task = (train.simmim_task(config) if p.stage == "pretrain"
-          else train.finetune_task(config, _num_classes(config)))
-  trainer = train.make_trainer(config, task, sharding_plan)
+  layout = trainer_lib.make_layout(config, devices)
+  task = (trainer_lib.simmim_task(config) if p.stage == "pretrain"
+          else trainer_lib.finetune_task(config, _num_classes(config)))
+  trainer = trainer_lib.make_trainer(config, task, layout)
   global_batch = p.per_device_batch * p.num_devices
   start = time.perf_counter()
-  compiled = train.compile_step(trainer, train.abstract_batch(config, task, global_batch))
+  batch_spec = trainer_lib.abstract_batch(config, task, global_batch)
+  compiled = trainer_lib.compile_step(trainer, batch_spec)
   compile_s = time.perf_counter() - start
   summary = summarize(trainer, compiled, config, global_batch=global_batch, compile_s=compile_s)
   # ru_maxrss is in KiB on Linux: the peak of this whole process, compile included.

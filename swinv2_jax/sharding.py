@@ -84,7 +84,7 @@ def tree_specs(tree, rules, axes, mesh, min_size: int = MIN_SHARDED_SIZE):
       lambda p, x: spec_for(path_string(p), x.shape, rules, axes, mesh, min_size), tree)
 
 
-class ShardingPlan:
+class Layout:
   """Shardings of parameters, gradients and optimizer state for one ZeRO stage."""
 
   def __init__(self, mesh: jax.sharding.Mesh, *, zero_stage: int, rules, data_axes=None,

@@ -101,11 +101,26 @@ def test_window_clamping_per_axis():
 
 
 def test_shift_mask_regions():
-  mask = win.shift_attention_mask((8, 8), (4, 4), (2, 2))
+  regions = win.shift_region_ids((8, 8), (4, 4), (2, 2))
+  assert regions.shape == (4, 16) and regions.dtype == np.int8
+  mask = np.asarray(win.shift_attention_mask(regions))
   assert mask.shape == (4, 16, 16)
   assert not mask[0].any(), "the top-left window holds one region"
   assert set(np.unique(mask[3])) == {0.0, -100.0}
-  assert win.shift_attention_mask((8, 8), (4, 4), (0, 0)) is None
+  # The bottom-right window holds four regions of 2x2 tokens: token 0 (region 0) and token 15
+  # (region 8) are masked, tokens 0 and 1 (both region 0) are not.
+  assert mask[3, 0, 15] == -100.0 and mask[3, 0, 1] == 0.0
+  assert win.shift_region_ids((8, 8), (4, 4), (0, 0)) is None
+
+
+def test_relative_position_index_matches_the_official_construction():
+  wh, ww = 3, 4  # rectangular, so a swapped axis would show
+  coords = np.stack(np.meshgrid(np.arange(wh), np.arange(ww), indexing="ij")).reshape(2, -1)
+  rel = (coords[:, :, None] - coords[:, None, :]).transpose(1, 2, 0)
+  rel[..., 0] += wh - 1
+  rel[..., 1] += ww - 1
+  rel[..., 0] *= 2 * ww - 1
+  np.testing.assert_array_equal(np.asarray(win.relative_position_index((wh, ww))), rel.sum(-1))
 
 
 def test_input_size_that_does_not_fit_names_working_sizes():

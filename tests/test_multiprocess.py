@@ -59,13 +59,14 @@ def _reference(data_dir: str, workdir: str, out: str):
   from swinv2_jax import data as data_lib
   from swinv2_jax import sharding
   from swinv2_jax import train
+  from swinv2_jax import trainer as trainer_lib
 
   assert jax.process_count() == 1 and jax.device_count() == 4, jax.devices()
   config = digits_tiny_config(data_dir)
   num_classes = data_lib.dataset_info(config.data).num_classes
   s = config.finetune
-  plan = train.make_plan(config)
-  trainer = train.make_trainer(config, train.finetune_task(config, num_classes), plan)
+  plan = trainer_lib.make_layout(config)
+  trainer = trainer_lib.make_trainer(config, trainer_lib.finetune_task(config, num_classes), plan)
   # Each process of the pair reads its own share; here both shares make the global batch, in
   # process order (the mesh lists process 0's devices first).
   shares = [data_lib.build_train_iterator(
@@ -73,7 +74,8 @@ def _reference(data_dir: str, workdir: str, out: str):
       seed=config.seed, process_index=p, process_count=NUM_PROCESSES)
             for p in range(NUM_PROCESSES)]
   rng = jax.jit(lambda: jax.random.key(config.seed + 1), out_shardings=plan.replicated())()
-  step = train.compile_step(trainer, train.abstract_batch(config, trainer.task, s.batch_size))
+  spec = trainer_lib.abstract_batch(config, trainer.task, s.batch_size)
+  step = trainer_lib.compile_step(trainer, spec)
   state, losses = trainer.init(), []
   initial = _flat(state["params"])
   for _ in range(s.steps):

@@ -1,7 +1,7 @@
 """ZeRO stages on fake CPU devices, and the mesh / rule building blocks.
 
 The multi-device cases run this file as a script in subprocesses (the device count is fixed
-when jax starts): each child builds the tiny digits model through `train.make_trainer` at some
+when jax starts): each child builds the tiny digits model through `trainer_lib.make_trainer` at some
 ZeRO stages, measures the created state's shards, trains a few steps on fixed synthetic
 batches and writes losses, parameters and byte counts to an .npz that the tests compare.
 """
@@ -66,11 +66,11 @@ def _total_bytes(tree) -> int:
 
 
 def _child(num_devices: int, stages: tuple[int, ...], train_stages: tuple[int, ...], out: str):
-  from swinv2_jax import train  # after XLA_FLAGS took effect (the parent set it)
+  from swinv2_jax import trainer as trainer_lib  # after XLA_FLAGS took effect (the parent set it)
 
   assert jax.device_count() == num_devices, jax.devices()
   config = _tiny_config()
-  task = train.finetune_task(config, num_classes=10)
+  task = trainer_lib.finetune_task(config, num_classes=10)
   data = np.random.default_rng(0)
   batches = [dict(image=data.normal(size=(GLOBAL_BATCH, 32, 32, 3)).astype(np.float32),
                   label=data.integers(0, 10, size=(GLOBAL_BATCH,)).astype(np.int32))
@@ -79,9 +79,9 @@ def _child(num_devices: int, stages: tuple[int, ...], train_stages: tuple[int, .
   for stage in stages:
     mesh = sharding.make_mesh(config.mesh.axes, config.mesh.shape)
     # min_sharded_size=0: the tiny model's leaves are all below the production threshold.
-    plan = sharding.ShardingPlan(mesh, zero_stage=stage, rules=config.mesh.rules,
+    plan = sharding.Layout(mesh, zero_stage=stage, rules=config.mesh.rules,
                                  min_sharded_size=0)
-    trainer = train.make_trainer(config, task, plan)
+    trainer = trainer_lib.make_trainer(config, task, plan)
     state = trainer.init()
     abstract, shardings = trainer.abstract_state, trainer.state_shardings
     for part in ("params", "opt_state"):
@@ -95,7 +95,7 @@ def _child(num_devices: int, stages: tuple[int, ...], train_stages: tuple[int, .
       continue
     rng = jax.jit(lambda: jax.random.key(1), out_shardings=plan.replicated())()
     # The step exactly as the main job compiles it (ahead of time, under the mesh).
-    step = train.compile_step(trainer, train.abstract_batch(config, task, GLOBAL_BATCH))
+    step = trainer_lib.compile_step(trainer, trainer_lib.abstract_batch(config, task, GLOBAL_BATCH))
     results[f"z{stage}/init_params"] = _flat(state["params"])
     losses = []
     for local in batches:
@@ -114,7 +114,8 @@ def _child(num_devices: int, stages: tuple[int, ...], train_stages: tuple[int, .
     from swinv2_jax import config as config_lib
     c = config_lib.base_config()
     c.mesh.zero_stage, c.finetune.init = 3, "scratch"
-    trainer = train.make_trainer(c, train.finetune_task(c, 1000), train.make_plan(c))
+    task = trainer_lib.finetune_task(c, 1000)
+    trainer = trainer_lib.make_trainer(c, task, trainer_lib.make_layout(c))
     abstract, shardings = trainer.abstract_state, trainer.state_shardings
     results["swinv2_tiny/total"] = sum(_total_bytes(abstract[k]) for k in ("params", "opt_state"))
     results["swinv2_tiny/planned"] = sum(sharding.per_device_bytes(abstract[k], shardings[k])

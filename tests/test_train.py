@@ -15,6 +15,7 @@ from swinv2_jax import convert
 from swinv2_jax import data
 from swinv2_jax import optim
 from swinv2_jax import train
+from swinv2_jax import trainer as trainer_lib
 from swinv2_jax.models import SwinTransformerV2
 
 import importlib.util
@@ -83,7 +84,7 @@ def test_pretrain_finetune_eval_then_resume_and_eval_only(data_dir, tmp_path):
 
   # Eval-only on a parameter checkpoint written by the converter (as for official weights):
   # a model whose head always answers class 3 scores exactly the share of 3s in the test split.
-  model = train.build_classifier(config, "eval", num_classes=10)
+  model = trainer_lib.build_classifier(config, "eval", num_classes=10)
   nnx.update(model.head, {"kernel": jnp.zeros_like(model.head.kernel[...]),
                           "bias": jnp.zeros(10).at[3].set(1.0)})
   convert.save_params(str(tmp_path / "converted"), model)
@@ -99,8 +100,8 @@ def test_finetune_step_fits_a_fixed_batch(data_dir):
   """The real jitted fine-tuning step (mixup off, stochastic depth on) drives the loss down."""
   config = tiny_config(data_dir)
   config.finetune.warmup_steps, config.finetune.base_lr = 0, 2e-2
-  task = train.finetune_task(config, num_classes=10)
-  trainer = train.make_trainer(config, task, train.make_plan(config))
+  task = trainer_lib.finetune_task(config, num_classes=10)
+  trainer = trainer_lib.make_trainer(config, task, trainer_lib.make_layout(config))
   rng = np.random.default_rng(0)
   batch = dict(image=rng.normal(size=(32, 32, 32, 3)).astype(np.float32),
                label=rng.integers(0, 10, 32).astype(np.int32))

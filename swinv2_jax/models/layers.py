@@ -94,7 +94,7 @@ class ContinuousPositionBias(nnx.Module):
     table = jnp.asarray(win.relative_coords_table(self.window, self.pretrained_window))
     bias_table = self.fc2(jax.nn.relu(self.fc1(table.reshape(-1, 2))))  # (T, heads)
     index = win.relative_position_index(self.window)
-    bias = bias_table[index.reshape(-1)].reshape(*index.shape, -1)  # (N, N, heads)
+    bias = jnp.take(bias_table, index.reshape(-1), axis=0).reshape(*index.shape, -1)  # (N, N, h)
     return 16.0 * jax.nn.sigmoid(bias.transpose(2, 0, 1))  # (heads, N, N)
 
 
@@ -127,8 +127,8 @@ class WindowAttention(nnx.Module):
     self.cpb_mlp = ContinuousPositionBias(window, pretrained_window, num_heads, rngs=rngs)
     self.proj = dense(dim, dim, dtype=dtype, rngs=rngs)
 
-  def _attend(self, x, mask, position_bias):
-    """x: (b, nW, N, C) windows; mask: (nW, N, N) or None."""
+  def _attend(self, x, regions, position_bias):
+    """x: (b, nW, N, C) windows; regions: (nW, N) shift-region ids or None (no shift)."""
     b, nw, n, c = x.shape
     heads = self.num_heads
     qkv_bias = jnp.concatenate(
@@ -143,27 +143,27 @@ class WindowAttention(nnx.Module):
     logits = jnp.einsum("bwnhd,bwmhd->bwhnm", q, k, preferred_element_type=jnp.float32)
     scale = jnp.exp(jnp.minimum(self.logit_scale[...], MAX_LOGIT_SCALE))
     logits = logits * scale + position_bias
-    if mask is not None:
-      logits = logits + mask[:, None]
+    if regions is not None:
+      logits = logits + win.shift_attention_mask(regions)[:, None]
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     out = jnp.einsum("bwhnm,bwmhd->bwnhd", probs, v)
     return self.proj(out.reshape(b, nw, n, c))
 
-  def __call__(self, x, mask: np.ndarray | None):
+  def __call__(self, x, regions: np.ndarray | None):
     position_bias = self.cpb_mlp()
     if self.chunks == 1:
-      return self._attend(x, None if mask is None else jnp.asarray(mask), position_bias)
+      return self._attend(x, regions, position_bias)
     b, nw, n, c = x.shape
     per = nw // self.chunks
     xs = x.reshape(b, self.chunks, per, n, c).swapaxes(0, 1)
-    masks = None if mask is None else jnp.asarray(mask).reshape(self.chunks, per, n, n)
+    regions = None if regions is None else jnp.asarray(regions).reshape(self.chunks, per, n)
 
     @jax.checkpoint
     def piece(args):
-      xc, mc = args
-      return self._attend(xc, mc, position_bias)
+      xc, rc = args
+      return self._attend(xc, rc, position_bias)
 
-    out = jax.lax.map(piece, (xs, masks))
+    out = jax.lax.map(piece, (xs, regions))
     return out.swapaxes(0, 1).reshape(b, nw, n, c)
 
 
@@ -203,8 +203,8 @@ class SwinV2Block(nnx.Module):
     sh, sw = self.shift
     shifted = jnp.roll(x, (-sh, -sw), axis=(1, 2)) if (sh or sw) else x
     windows = win.partition_windows(shifted, self.window)
-    mask = win.shift_attention_mask(self.feat_size, self.window, self.shift)
-    attended = win.merge_windows(self.attn(windows, mask), self.window, self.feat_size)
+    regions = win.shift_region_ids(self.feat_size, self.window, self.shift)
+    attended = win.merge_windows(self.attn(windows, regions), self.window, self.feat_size)
     if sh or sw:
       attended = jnp.roll(attended, (sh, sw), axis=(1, 2))
     x = x + drop_path(self.norm1(attended), drop_rate, keys[0])

@@ -1,7 +1,9 @@
 """Static window geometry of Swin V2: window clamping, position tables and shift masks.
 
-Everything here is plain numpy computed at trace time from Python ints, so none of it lives
-in the model state (the official checkpoints' buffers are recomputed, never loaded).
+Everything here is computed from Python ints, so none of it lives in the model state (the
+official checkpoints' buffers are recomputed, never loaded). Small tables are numpy constants;
+the (N, N) and (nW, N, N) ones are built in the graph from O(N) or O(nW x N) inputs, so no
+quadratic constant is baked into the program.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import functools
 from typing import Sequence
 
+import jax.numpy as jnp
 import numpy as np
 
 Pair = tuple[int, int]
@@ -57,15 +60,18 @@ def relative_coords_table(window: Pair, pretrained_window: Pair) -> np.ndarray:
   return table.astype(np.float32)
 
 
-@functools.lru_cache(maxsize=None)
-def relative_position_index(window: Pair) -> np.ndarray:
-  """Swin V1 index into the flattened (2Wh-1)*(2Ww-1) table for every token pair: (N, N)."""
+def relative_position_index(window: Pair):
+  """Swin V1 index into the flattened (2Wh-1)*(2Ww-1) table for every token pair: (N, N).
+
+  Built in the graph from the N token coordinates: as a constant it would be N^2 int32
+  (4 MiB per 32x32 window) baked into the program.
+  """
   wh, ww = window
-  coords = np.stack(np.meshgrid(np.arange(wh), np.arange(ww), indexing="ij")).reshape(2, -1)
-  rel = coords[:, :, None] - coords[:, None, :]
-  rel[0] += wh - 1
-  rel[1] += ww - 1
-  return (rel[0] * (2 * ww - 1) + rel[1]).astype(np.int32)
+  token = jnp.arange(wh * ww, dtype=jnp.int32)
+  row, col = token // ww, token % ww
+  rel_row = row[:, None] - row[None, :] + (wh - 1)
+  rel_col = col[:, None] - col[None, :] + (ww - 1)
+  return rel_row * (2 * ww - 1) + rel_col
 
 
 def partition_windows(x, window: Pair):
@@ -87,25 +93,35 @@ def merge_windows(windows, window: Pair, feat_size: Pair):
 
 
 @functools.lru_cache(maxsize=None)
-def shift_attention_mask(feat_size: Pair, window: Pair, shift: Pair) -> np.ndarray | None:
-  """Additive mask (nW, N, N) for shifted windows: -100 between tokens of different regions.
+def shift_region_ids(feat_size: Pair, window: Pair, shift: Pair) -> np.ndarray | None:
+  """Region of every token of every window after the cyclic shift: (nW, N) int8, or None.
 
-  After the cyclic shift each axis has up to three regions, [0, r-w), [r-w, r-s), [r-s, r)
-  (the official slices (0,-w), (-w,-s), (-s,None)); tokens attend only within their region.
+  After the shift each axis has up to three regions, [0, r-w), [r-w, r-s), [r-s, r) (the
+  official slices (0,-w), (-w,-s), (-s,None)); tokens attend only within their region. Only
+  these O(nW x N) ids are a constant; `shift_attention_mask` expands them in the graph.
   """
   if not any(shift):
     return None
   region_ids = []
   for r, w, s in zip(feat_size, window, shift):
-    ids = np.zeros(r, np.int32)
+    ids = np.zeros(r, np.int8)
     if s > 0:
       ids[r - w:r - s] = 1
       ids[r - s:] = 2
     region_ids.append(ids)
   regions = region_ids[0][:, None] * 3 + region_ids[1][None, :]
-  regions = partition_windows(regions[None, :, :, None], window)[0, :, :, 0]  # (nW, N)
-  different = regions[:, None, :] != regions[:, :, None]
-  return np.where(different, SHIFT_MASK_VALUE, 0.0).astype(np.float32)
+  return np.ascontiguousarray(partition_windows(regions[None, :, :, None], window)[0, :, :, 0])
+
+
+def shift_attention_mask(region_ids):
+  """Additive mask (..., N, N) from region ids (..., N): -100 between different regions.
+
+  Computed in the graph, where XLA fuses it into the logits: as a constant the (nW, N, N)
+  float32 mask of SwinV2-G at 1536 px would be 576 MiB in stage 1 alone.
+  """
+  ids = jnp.asarray(region_ids)
+  different = ids[..., :, None] != ids[..., None, :]
+  return jnp.where(different, SHIFT_MASK_VALUE, 0.0).astype(jnp.float32)
 
 
 def stage_feature_sizes(img_size: Pair, patch_size: int, num_stages: int) -> list[Pair]:

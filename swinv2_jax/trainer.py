@@ -1,0 +1,208 @@
+"""What a training stage compiles: its task (model and loss), the sharded train state and the
+jitted update step. Shared by the training loop (train.py) and the memory plan (plan.py).
+
+Functional core: each model is split once into a graphdef and a pure-dict parameter pytree;
+the train state {step, params, opt_state[, ema]} is created already sharded by a jitted init
+(ZeRO stage from config), and the jitted step maps state -> state with donation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+from swinv2_jax import checkpointing
+from swinv2_jax import config as config_lib
+from swinv2_jax import data as data_lib
+from swinv2_jax import optim
+from swinv2_jax import sharding as sharding_lib
+from swinv2_jax import simmim
+from swinv2_jax.models.swinv2 import SwinTransformerV2
+
+Params = Any
+
+
+# ---------------------------------------------------------------------------------------------
+# Models of each stage.
+# ---------------------------------------------------------------------------------------------
+def compute_dtype(config):
+  return jnp.dtype(config.model.dtype)
+
+
+def build_classifier(config, stage: str, num_classes: int, seed: int = 0) -> SwinTransformerV2:
+  return SwinTransformerV2(**config_lib.model_args(config, stage), num_classes=num_classes,
+                           dtype=compute_dtype(config), rngs=seed)
+
+
+def build_simmim(config, seed: int = 0) -> simmim.SimMIM:
+  encoder = SwinTransformerV2(**config_lib.model_args(config, "pretrain"), num_classes=0,
+                              dtype=compute_dtype(config), rngs=seed)
+  return simmim.SimMIM(encoder, rngs=seed + 1)
+
+
+def _backbone(model):
+  return model.encoder if isinstance(model, simmim.SimMIM) else model
+
+
+@dataclasses.dataclass
+class Task:
+  """What differs between the training stages: the model and its loss."""
+  name: str
+  build: Callable[[int], nnx.Module]
+  loss: Callable[..., tuple[jax.Array, dict]]  # (model, batch, rng) -> (loss, aux)
+  data_kind: str
+  stage_cfg: ml_collections.ConfigDict
+
+
+def simmim_task(config) -> Task:
+  p = config.pretrain
+
+  def loss(model, batch, rng):
+    reconstruction = model(batch["image"], batch["mask"], rng=rng)
+    return simmim.reconstruction_loss(batch["image"], reconstruction, batch["mask"],
+                                      config.model.patch_size, p.norm_target_window), {}
+
+  return Task("pretrain", lambda seed: build_simmim(config, seed), loss, "simmim", p)
+
+
+def finetune_task(config, num_classes: int) -> Task:
+  f, d = config.finetune, config.data
+
+  def loss(model, batch, rng):
+    mix_key, depth_key = jax.random.split(rng)
+    images, targets = data_lib.mixup_cutmix(
+        mix_key, batch["image"], batch["label"], num_classes=num_classes,
+        mixup_alpha=float(d.mixup_alpha), cutmix_alpha=float(d.cutmix_alpha),
+        prob=float(d.mixup_prob), switch_prob=float(d.mixup_switch_prob),
+        label_smoothing=float(d.label_smoothing))
+    logits = model(images, rng=depth_key)
+    # Soft-target cross-entropy in float32 (timm SoftTargetCrossEntropy).
+    return jnp.mean(-jnp.sum(targets * jax.nn.log_softmax(logits), axis=-1)), {}
+
+  return Task("finetune", lambda seed: build_classifier(config, "finetune", num_classes, seed),
+              loss, "supervised", f)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharded train state and the update step.
+# ---------------------------------------------------------------------------------------------
+def split_params(model) -> tuple[nnx.GraphDef, Params]:
+  graphdef, state = nnx.split(model)
+  return graphdef, nnx.to_pure_dict(state)
+
+
+def scaled_lr(stage_cfg, value: float) -> float:
+  """Linear lr scaling by the global batch, per 512 images, as the official recipes."""
+  return value * stage_cfg.batch_size / 512
+
+
+@dataclasses.dataclass
+class Trainer:
+  """Everything compiled for one training stage."""
+  task: Task
+  graphdef: nnx.GraphDef
+  abstract_state: Any
+  state_shardings: Any
+  schedule: optax.Schedule
+  init: Callable
+  step: Callable
+  layout: sharding_lib.Layout
+  num_params: int
+
+
+def make_trainer(config, task: Task, layout: sharding_lib.Layout) -> Trainer:
+  s = task.stage_cfg
+  abstract_model = nnx.eval_shape(lambda: task.build(config.seed))
+  graphdef, abstract_params = split_params(abstract_model)
+  backbone = _backbone(abstract_model)
+  schedule = optim.lr_schedule(
+      peak_lr=scaled_lr(s, s.base_lr), total_steps=s.steps, warmup_steps=s.warmup_steps,
+      warmup_lr=scaled_lr(s, s.warmup_lr), min_lr=scaled_lr(s, s.min_lr))
+  tx = optim.make_optimizer(
+      abstract_params, schedule=schedule, weight_decay=s.weight_decay, clip_grad=s.clip_grad,
+      layer_decay=s.layer_decay, depths=backbone.depths,
+      blocks_per_group=[st.blocks_per_group for st in backbone.stages], betas=tuple(s.betas))
+  use_ema = task.name == "finetune" and s.ema_decay > 0
+
+  def init():
+    _, params = split_params(task.build(config.seed))
+    state = dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    if use_ema:
+      state["ema"] = params
+    return state
+
+  abstract_state = jax.eval_shape(init)
+  state_shardings = dict(step=layout.replicated(), params=layout.params(abstract_state["params"]),
+                         opt_state=layout.opt_state(abstract_state["opt_state"]))
+  if use_ema:  # the EMA copy is optimizer-like state: sharded from ZeRO stage 1
+    state_shardings["ema"] = layout.opt_state(abstract_state["params"])
+  grad_shardings = layout.grads(abstract_state["params"])
+
+  def train_step(state, batch, rng):
+    rng = jax.random.fold_in(rng, state["step"])
+
+    def loss_fn(params):
+      return task.loss(nnx.merge(graphdef, params), batch, rng)
+
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    # ZeRO-2/3: gradients live sharded, so XLA reduce-scatters instead of all-reducing.
+    grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state)
+    if use_ema:
+      decay = s.ema_decay
+      new_state["ema"] = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p,
+                                      state["ema"], params)
+    metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads), lr=schedule(state["step"]),
+                   **aux)
+    return new_state, metrics
+
+  jit_init = jax.jit(init, out_shardings=state_shardings)
+  jit_step = jax.jit(train_step, donate_argnums=0,
+                     out_shardings=(state_shardings, layout.replicated()))
+  num_params = sum(x.size for x in jax.tree.leaves(abstract_params))
+  return Trainer(task, graphdef, abstract_state, state_shardings, schedule, jit_init, jit_step,
+                 layout, num_params)
+
+
+def batch_shardings(layout, batch_spec: dict):
+  return {k: layout.batch(len(v.shape)) for k, v in batch_spec.items()}
+
+
+def abstract_batch(config, task: Task, global_batch: int) -> dict:
+  """Shapes of one global batch of a stage (for ahead-of-time compilation)."""
+  s = task.stage_cfg
+  h, w = (s.img_size, s.img_size) if isinstance(s.img_size, int) else tuple(s.img_size)
+  batch = dict(image=jax.ShapeDtypeStruct((global_batch, h, w, 3), jnp.float32))
+  if task.data_kind == "simmim":
+    p = config.model.patch_size
+    batch["mask"] = jax.ShapeDtypeStruct((global_batch, h // p, w // p), jnp.int32)
+  else:
+    batch["label"] = jax.ShapeDtypeStruct((global_batch,), jnp.int32)
+  return batch
+
+
+def lower_step(trainer: Trainer, batch_spec: dict):
+  shardings = batch_shardings(trainer.layout, batch_spec)
+  state = checkpointing.abstract_with_shardings(trainer.abstract_state, trainer.state_shardings)
+  batch = checkpointing.abstract_with_shardings(batch_spec, shardings)
+  rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=trainer.layout.replicated())
+  with jax.set_mesh(trainer.layout.mesh):  # lets the model gather scanned weights per group
+    return trainer.step.lower(state, batch, rng)
+
+
+def compile_step(trainer: Trainer, batch_spec: dict):
+  return lower_step(trainer, batch_spec).compile()
+
+
+def make_layout(config, devices=None) -> sharding_lib.Layout:
+  mesh = sharding_lib.make_mesh(config.mesh.axes, config.mesh.shape, devices)
+  return sharding_lib.Layout(mesh, zero_stage=config.mesh.zero_stage,
+                                   rules=config.mesh.rules)

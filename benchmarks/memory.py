@@ -41,9 +41,9 @@ def model_config(model: str, batch: int):
   else:
     c = g_1536.get_config("tiny")
     chunks = c.model.attention_chunks
-  c.finetune.batch_size = batch
+  c.finetune.batch_size, c.finetune.accum_steps = batch, 1
   c.data.mixup_alpha = c.data.cutmix_alpha = 0.0
-  c.plan.num_devices, c.plan.per_device_batch = 1, batch
+  c.plan.num_devices = 1
   c.mesh.zero_stage = 0
   return c, tuple(chunks)
 
@@ -52,7 +52,7 @@ def compiled_temp(config, devices, compiler_options=None) -> tuple[int, float]:
   layout = trainer_lib.make_layout(config, devices)
   task = trainer_lib.finetune_task(config, 1000)
   trainer = trainer_lib.make_trainer(config, task, layout)
-  batch = trainer_lib.abstract_batch(config, task, config.finetune.batch_size)
+  batch = trainer_lib.trainer_batch(config, trainer)
   start = time.perf_counter()
   compiled = trainer_lib.lower_step(trainer, batch).compile(compiler_options)
   return compiled.memory_analysis().temp_size_in_bytes, time.perf_counter() - start

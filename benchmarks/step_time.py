@@ -21,8 +21,7 @@ import numpy as np  # noqa: E402
 
 import memory  # noqa: E402  (benchmarks/memory.py: the same SwinV2-T config)
 from swinv2_jax import plan  # noqa: E402
-from swinv2_jax import train  # noqa: E402
-from swinv2_jax import trainer as trainer_lib
+from swinv2_jax import trainer as trainer_lib  # noqa: E402
 
 # remat policy : sequential attention (1 = off, else the T pieces per stage of memory.py)
 DEFAULT_VARIANTS = "none:1,full:1,dots:1,none:seq,full:seq"
@@ -33,14 +32,14 @@ def step_seconds(config, devices, steps: int) -> tuple[float, float]:
   layout = trainer_lib.make_layout(config, devices)
   task = trainer_lib.finetune_task(config, 1000)
   trainer = trainer_lib.make_trainer(config, task, layout)
-  spec = trainer_lib.abstract_batch(config, task, config.finetune.batch_size)
+  spec = trainer_lib.trainer_batch(config, trainer)
   start = time.perf_counter()
   compiled = trainer_lib.compile_step(trainer, spec)
   compile_s = time.perf_counter() - start
   rng = np.random.default_rng(0)
   batch = dict(image=rng.normal(size=spec["image"].shape).astype(np.float32),
                label=rng.integers(0, 1000, spec["label"].shape).astype(np.int32))
-  shardings = train.batch_shardings(layout, spec)
+  shardings = trainer_lib.batch_shardings(layout, spec)
   batch = {k: jax.device_put(v, shardings[k]) for k, v in batch.items()}
   key = jax.device_put(jax.random.key(0), layout.replicated())
   state = trainer.init()

@@ -35,10 +35,12 @@ def get_config(arg: str = ""):
   f.batch_size, f.steps, f.warmup_steps = 128, 300, 30
   f.base_lr, f.warmup_lr, f.min_lr, f.layer_decay = 4e-3, 1e-5, 1e-5, 0.9
   f.drop_path_rate, f.log_every, f.checkpoint_every = 0.1, 25, 150
+  f.eval_every = 50  # the test split, under the mesh, while fine-tuning
   c.eval.batch_size = 120
 
   if arg == "tiny":  # seconds: a smoke check of every stage
     for stage in (p, f):
       stage.steps, stage.warmup_steps, stage.log_every, stage.checkpoint_every = 6, 2, 2, 3
       stage.batch_size = 16
+    f.eval_every = 3
   return c

@@ -15,6 +15,10 @@ from swinv2_jax.models import windows as win
 from swinv2_jax.models.swinv2 import REMAT_POLICIES, SwinTransformerV2
 
 STAGES = ("pretrain", "finetune", "eval")
+TRAINING_STAGES = ("pretrain", "finetune")
+# Dense bf16 peak TFLOP/s per device (vendor figures), for the plan's wall-time estimate.
+ACCELERATORS = {"a100-40g": 312.0, "a100-80g": 312.0, "h100": 989.0, "h200": 989.0,
+                "v4": 275.0, "v5e": 197.0, "v5p": 459.0, "v6e": 918.0}
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -24,7 +28,13 @@ def _train_stage(**overrides) -> ml_collections.ConfigDict:
       img_size=192,
       window_size=12,                # int, or one per model stage
       pretrained_window_sizes=0,     # int, or one per model stage (0 = own window)
-      batch_size=128,                # global, over all processes
+      batch_size=128,                # global, over all processes: one optimizer update
+      # Gradient accumulation: the global batch runs as accum_steps microbatches, each spread
+      # over every data-parallel device (batch_size = accum_steps x microbatch x devices).
+      # 'auto': the largest microbatch whose step fits plan.device_memory_gb.
+      accum_steps=1,
+      skip_nonfinite=0,              # 0: stop at a non-finite loss; K: skip such updates, stop
+                                     # after K in a row
       steps=1000,
       warmup_steps=100,
       base_lr=1e-4,                  # per 512 images: lr = base_lr * batch_size / 512
@@ -94,8 +104,9 @@ def base_config() -> ml_collections.ConfigDict:
   ))
   c.plan = ml_collections.ConfigDict(dict(
       num_devices=8,                 # the mesh a dry run compiles for, on fake CPU devices
-      per_device_batch=1,
-      stage="finetune",              # which training stage's step the plan compiles
+      device_memory_gb=40.0,         # the budget accum_steps='auto' fits a microbatch into
+      accelerator="a100-40g",        # for the wall-time estimate: a key of plan.ACCELERATORS
+      mfu=0.4,                       # model FLOPs utilisation assumed by that estimate
   ))
   return c
 
@@ -177,12 +188,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for c in _per_stage("model.attention_chunks", config.model.attention_chunks, num_stages, int):
     if c < 1:
       _fail("model.attention_chunks", f"pieces must be >= 1, got {c}")
-  for name in ("pretrain", "finetune"):
+  for name in TRAINING_STAGES:
     stage = config[name]
     for key in ("batch_size", "steps", "log_every", "checkpoint_every"):
       _positive(config, f"{name}.{key}", kind=int)
-    for key in ("warmup_steps",):
+    for key in ("warmup_steps", "skip_nonfinite"):
       _positive(config, f"{name}.{key}", allow_zero=True, kind=int)
+    if stage.accum_steps != "auto":
+      _positive(config, f"{name}.accum_steps", kind=int)
     for key in ("base_lr",):
       _positive(config, f"{name}.{key}")
     for key in ("warmup_lr", "min_lr", "weight_decay", "clip_grad"):
@@ -214,6 +227,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   f = config.finetune
   if not isinstance(f.init, str) or not f.init:
     _fail("finetune.init", "'pretrain', 'scratch', or a checkpoint path")
+  _positive(config, "finetune.eval_every", allow_zero=True, kind=int)
   if not 0 <= f.ema_decay < 1:
     _fail("finetune.ema_decay", f"must be in [0, 1), got {f.ema_decay}")
   _positive(config, "eval.batch_size", kind=int)
@@ -226,7 +240,47 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if len(rule) != 2 or not isinstance(rule[0], str):
       _fail("mesh.rules", f"each rule is (regex, 'auto' | 'replicate' | spec), got {rule!r}")
   _positive(config, "checkpoint.keep", kind=int)
-  if config.plan.stage not in ("pretrain", "finetune"):
-    _fail("plan.stage", f"'pretrain' or 'finetune', got {config.plan.stage!r}")
   _positive(config, "plan.num_devices", kind=int)
-  _positive(config, "plan.per_device_batch", kind=int)
+  _positive(config, "plan.device_memory_gb")
+  if config.plan.accelerator not in ACCELERATORS:
+    _fail("plan.accelerator", f"one of {', '.join(ACCELERATORS)}, got "
+          f"{config.plan.accelerator!r}")
+  if not 0 < config.plan.mfu <= 1:
+    _fail("plan.mfu", f"must be in (0, 1], got {config.plan.mfu}")
+
+
+def to_pair(size) -> tuple[int, int]:
+  return win.to_pair(size)
+
+
+def resolve_accum_steps(config, stage: str, accum_steps: int | None = None) -> int:
+  """The accumulation of a training stage: its config value, or `accum_steps` for 'auto'."""
+  value = config[stage].accum_steps
+  if value == "auto":
+    if accum_steps is None:
+      raise ConfigError(f"config.{stage}.accum_steps: 'auto' is resolved by the memory plan")
+    return accum_steps
+  return int(value)
+
+
+def check_batches(config, num_devices: int) -> None:
+  """Batch arithmetic against the data-parallel device count, before anything compiles:
+  every global batch that will run is accum_steps x microbatch x devices, and the eval batch
+  divides over the devices."""
+  running = ("eval",) if config.eval_only else tuple(config.stages)
+  for name in (s for s in TRAINING_STAGES if s in running):
+    s = config[name]
+    accum = None if s.accum_steps == "auto" else int(s.accum_steps)
+    if accum is None:
+      if s.batch_size % num_devices:
+        _fail(f"{name}.batch_size", f"{s.batch_size} does not divide over {num_devices} "
+              f"devices; use a multiple of {num_devices}")
+    elif s.batch_size % (accum * num_devices):
+      per = s.batch_size / (accum * num_devices)
+      _fail(f"{name}.batch_size", f"{s.batch_size} is not {name}.accum_steps={accum} x "
+            f"microbatch x {num_devices} devices (microbatch would be {per:g} per device); "
+            f"use a multiple of {accum * num_devices} or change {name}.accum_steps")
+  if "eval" in running or (config.finetune.eval_every and "finetune" in running):
+    if config.eval.batch_size % num_devices:
+      _fail("eval.batch_size", f"{config.eval.batch_size} does not divide over {num_devices} "
+            f"devices; use a multiple of {num_devices}")

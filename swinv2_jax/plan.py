@@ -72,119 +72,262 @@ def _num_classes(config) -> int:
     return 1000
 
 
-def training_flops(config, stage: str, global_batch: int) -> float:
-  """Model FLOPs of one step: 2 FLOPs per MAC, backward twice the forward (remat not counted,
-  as MFU is usually reported). MACs from the official-style count of the backbone."""
-  args = config_lib.model_args(config, "finetune" if stage == "finetune" else "pretrain")
+def model_flops(config, stage: str, batch: int) -> float:
+  """Model FLOPs: 2 per MAC of the official-style count; a training step adds the backward,
+  twice the forward (remat not counted, as MFU is usually reported)."""
+  args = config_lib.model_args(config, "pretrain" if stage == "pretrain" else "finetune")
   if stage == "pretrain":
     args["num_classes"] = 0
-  return 3 * 2 * complexity.count_macs(args) * global_batch
+  forward = 2 * complexity.count_macs(args) * batch
+  return forward if stage == "eval" else 3 * forward
+
+
+def _state_bytes(trainer: trainer_lib.Trainer, key: str) -> int:
+  if key not in trainer.abstract_state:
+    return 0
+  return sharding_lib.per_device_bytes(trainer.abstract_state[key], trainer.state_shardings[key])
+
+
+def _xla_figures(compiled) -> dict:
+  mem = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  get = lambda name: int(getattr(mem, name, 0)) if mem is not None else 0
+  return dict(temp=get("temp_size_in_bytes"), arguments=get("argument_size_in_bytes"),
+              aliased=get("alias_size_in_bytes"),
+              flops=float(cost.get("flops", 0.0)) if cost else 0.0)
 
 
 def memory_summary(compiled, trainer: trainer_lib.Trainer) -> dict:
-  """Per-device bytes of params / optimizer state from the shardings, temporaries from XLA."""
-  params = sharding_lib.per_device_bytes(trainer.abstract_state["params"],
-                                         trainer.state_shardings["params"])
-  opt = sharding_lib.per_device_bytes(trainer.abstract_state["opt_state"],
-                                      trainer.state_shardings["opt_state"])
-  if "ema" in trainer.abstract_state:
-    opt += sharding_lib.per_device_bytes(trainer.abstract_state["ema"],
-                                         trainer.state_shardings["ema"])
-  mem = compiled.memory_analysis()
-  temp = int(getattr(mem, "temp_size_in_bytes", 0)) if mem is not None else 0
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost.get("flops", 0.0)) if cost else 0.0
-  return dict(params=params, opt_state=opt, temp=temp, total=params + opt + temp,
-              flops_per_step=flops)
+  """Per-device bytes of params / optimizer state (+ EMA) from the shardings, temporaries
+  (activations, gradients and their accumulated sum, collectives' buffers) from XLA."""
+  params = _state_bytes(trainer, "params")
+  opt = _state_bytes(trainer, "opt_state") + _state_bytes(trainer, "ema")
+  xla = _xla_figures(compiled)
+  return dict(params=params, opt_state=opt, temp=xla["temp"], total=params + opt + xla["temp"],
+              xla_arguments=xla["arguments"], xla_aliased=xla["aliased"],
+              xla_flops_per_device=xla["flops"])
 
 
-def summarize(trainer: trainer_lib.Trainer, compiled, config, *, global_batch: int,
-              compile_s: float) -> dict:
-  """Everything the table and plan.json report, from the compiled step and the shardings."""
+def wall_time(config, flops_per_step: float, steps: int, num_devices: int) -> dict:
+  """Estimated time of a step and of a stage on `plan.accelerator` at `plan.mfu`."""
+  peak = config_lib.ACCELERATORS[config.plan.accelerator] * 1e12
+  step_s = flops_per_step / (num_devices * peak * config.plan.mfu)
+  return dict(accelerator=config.plan.accelerator, mfu=config.plan.mfu,
+              step_s=step_s, stage_hours=step_s * steps / 3600,
+              device_days=step_s * steps * num_devices / 86400)
+
+
+def summarize(trainer: trainer_lib.Trainer, compiled, config, *, compile_s: float) -> dict:
+  """Everything the table and plan.json report of one training stage."""
   memory = memory_summary(compiled, trainer)
-  grads = sharding_lib.per_device_bytes(trainer.abstract_state["params"],
-                                        trainer.layout.grads(trainer.abstract_state["params"]))
-  analysis = compiled.memory_analysis()
+  params_shape = trainer.abstract_state["params"]
+  grads = sharding_lib.per_device_bytes(params_shape, trainer.layout.grads(params_shape))
   mesh = trainer.layout.mesh
-  model = config.model
+  s = trainer.task.stage_cfg
+  flops = model_flops(config, trainer.task.name, s.batch_size)
   return dict(
       stage=trainer.task.name,
+      global_batch=s.batch_size,
+      accum_steps=trainer.accum_steps,
+      microbatch_per_device=s.batch_size // (trainer.accum_steps * mesh.size),
+      mesh=dict(zip(mesh.axis_names, (int(n) for n in mesh.devices.shape))),
       params=int(trainer.num_params),
-      flops_per_step=training_flops(config, trainer.task.name, global_batch),
-      xla_flops_per_device=memory["flops_per_step"],
-      mesh=dict(zip(mesh.axis_names, (int(s) for s in mesh.devices.shape))),
-      global_batch=global_batch,
+      flops_per_step=flops,
+      xla_flops_per_device=memory["xla_flops_per_device"],
       per_device_bytes=dict(
           params=memory["params"], opt_state=memory["opt_state"],
           grads=grads,  # held inside `temp` during the step; listed to show the ZeRO split
           temp=memory["temp"], total=memory["total"],
-          xla_arguments=int(getattr(analysis, "argument_size_in_bytes", 0)),
-          xla_aliased=int(getattr(analysis, "alias_size_in_bytes", 0))),
+          xla_arguments=memory["xla_arguments"], xla_aliased=memory["xla_aliased"]),
+      steps=s.steps,
+      estimate=wall_time(config, flops, s.steps, mesh.size),
       compile_s=round(compile_s, 2),
-      settings=dict(
-          zero_stage=trainer.layout.zero_stage, remat=model.remat,
-          attention_chunks=model.attention_chunks, dtype=model.dtype,
-          model=model.name, img_size=trainer.task.stage_cfg.img_size,
-          window_size=trainer.task.stage_cfg.window_size,
-          platform=jax.devices()[0].platform,
-          scheduler=("memory-optimised" if MEMORY_SCHEDULER_FLAG in
-                     os.environ.get("XLA_FLAGS", "") else "default")),
+      settings=_settings(config, trainer.layout, s.img_size, s.window_size),
   )
 
 
+def _settings(config, layout, img_size, window_size) -> dict:
+  m = config.model
+  custom = [k for k in ("embed_dim", "depths", "num_heads") if m[k] is not None]
+  return dict(
+      zero_stage=layout.zero_stage, remat=m.remat, attention_chunks=m.attention_chunks,
+      dtype=m.dtype, model=m.name + (" with " + ", ".join(
+          f"{k}={m[k]}" for k in custom) if custom else ""),
+      img_size=img_size, window_size=window_size, platform=jax.devices()[0].platform,
+      scheduler=("memory-optimised" if MEMORY_SCHEDULER_FLAG in
+                 os.environ.get("XLA_FLAGS", "") else "default"))
+
+
+def summarize_eval(config, eval_step, compiled, *, compile_s: float) -> dict:
+  """The eval entry: parameters as sharded in training, temporaries of one eval batch."""
+  mesh = eval_step.layout.mesh
+  params = sharding_lib.per_device_bytes(eval_step.abstract_params, eval_step.param_shardings)
+  xla = _xla_figures(compiled)
+  return dict(
+      stage="eval", global_batch=config.eval.batch_size, accum_steps=1,
+      microbatch_per_device=config.eval.batch_size // mesh.size,
+      mesh=dict(zip(mesh.axis_names, (int(n) for n in mesh.devices.shape))),
+      params=int(sum(x.size for x in jax.tree.leaves(eval_step.abstract_params))),
+      flops_per_step=model_flops(config, "eval", config.eval.batch_size),
+      xla_flops_per_device=xla["flops"],
+      per_device_bytes=dict(params=params, opt_state=0, grads=0, temp=xla["temp"],
+                            total=params + xla["temp"], xla_arguments=xla["arguments"],
+                            xla_aliased=xla["aliased"]),
+      compile_s=round(compile_s, 2),
+      settings=_settings(config, eval_step.layout, config.finetune.img_size,
+                         config.finetune.window_size))
+
+
+def _divisors(n: int) -> list[int]:
+  return [d for d in range(1, n + 1) if n % d == 0]
+
+
+class DoesNotFitError(ValueError):
+  """Not even one image per device fits the memory budget."""
+
+
+def fit_accum_steps(config, task, layout, budget_bytes: float | None = None):
+  """accum_steps='auto': the largest per-device microbatch whose compiled step fits.
+
+  Compiles microbatches of 1 and of the next divisor, extrapolates the per-device bytes
+  linearly (activations grow with the microbatch; state does not), compiles the predicted
+  best and steps down until it fits. Returns (trainer, compiled).
+  """
+  budget = budget_bytes or config.plan.device_memory_gb * 2**30
+  s = task.stage_cfg
+  per_device = s.batch_size // layout.mesh.size
+  options = _divisors(per_device)
+  cache = {}
+
+  def measure(micro):
+    if micro not in cache:
+      start = time.perf_counter()
+      trainer = trainer_lib.make_trainer(config, task, layout, per_device // micro)
+      compiled = trainer_lib.compile_step(trainer, trainer_lib.trainer_batch(config, trainer))
+      total = memory_summary(compiled, trainer)["total"]
+      logging.info("%s: microbatch %d per device (accum_steps %d): %.2f GiB per device, "
+                   "compiled in %.0f s", task.name, micro, per_device // micro, total / 2**30,
+                   time.perf_counter() - start)
+      cache[micro] = (trainer, compiled, total)
+    return cache[micro]
+
+  if measure(1)[2] > budget:
+    raise DoesNotFitError(
+        f"config.{task.name}.accum_steps='auto': one image per device needs "
+        f"{measure(1)[2] / 2**30:.1f} GiB, over plan.device_memory_gb="
+        f"{config.plan.device_memory_gb}; add devices, raise mesh.zero_stage, or set "
+        f"model.remat / model.attention_chunks")
+  if len(options) > 1:
+    second = options[1]
+    slope = (measure(second)[2] - measure(1)[2]) / (second - 1)
+    fits = [m for m in options if measure(1)[2] + slope * (m - 1) <= budget]
+    micro = fits[-1] if fits else 1
+    while micro > 1 and measure(micro)[2] > budget:
+      micro = options[options.index(micro) - 1]
+  else:
+    micro = 1
+  trainer, compiled, _ = measure(micro)
+  return trainer, compiled
+
+
 def _gib(n: float) -> str:
-  return f"{n / 2**30:8.2f} GiB" if n >= 2**30 else f"{n / 2**20:8.1f} MiB"
+  return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def format_table(summary: dict) -> str:
-  """A fixed-width table of one plan (printed by the dry run and before step 0 of a run)."""
-  b, s = summary["per_device_bytes"], summary["settings"]
-  mesh = " x ".join(f"{k}={v}" for k, v in summary["mesh"].items())
-  rows = [
-      ("stage", f"{summary['stage']} ({s['model']}, {s['img_size']} px, window "
-                f"{s['window_size']}, {s['dtype']})"),
-      ("mesh", f"{mesh}, global batch {summary['global_batch']}"),
-      ("techniques", f"ZeRO {s['zero_stage']}, remat {s['remat']}, "
-                     f"attention chunks {s['attention_chunks']}"),
-      ("parameters", f"{summary['params']:,}"),
-      ("FLOPs / step", f"{summary['flops_per_step']:.3e} (model); XLA counts "
-                       f"{summary['xla_flops_per_device']:.3e} per device"),
-      ("per device", ""),
-      ("  params", _gib(b["params"])),
-      ("  optimizer state", _gib(b["opt_state"])),
-      ("  gradients", _gib(b["grads"]) + "  (inside temporaries)"),
-      ("  activations/temp", _gib(b["temp"])),
-      ("  total", _gib(b["total"])),
-      ("compile", f"{summary['compile_s']:.1f} s on {s['platform']} "
-                  f"({s['scheduler']} scheduler)"),
+def _duration(hours: float) -> str:
+  return f"{hours * 60:.1f} min" if hours < 1 else (
+      f"{hours:.1f} h" if hours < 48 else f"{hours / 24:.1f} days")
+
+
+def format_table(*summaries: dict) -> str:
+  """A fixed-width table with one column per stage (printed by the dry run and before step 0
+  of every training stage)."""
+  first = summaries[0]
+  st = first["settings"]
+  mesh = " x ".join(f"{k}={v}" for k, v in first["mesh"].items())
+  head = (f"{st['model']}, {st['dtype']}, mesh {mesh}, ZeRO {st['zero_stage']}, remat "
+          f"{st['remat']}, attention chunks {st['attention_chunks']}")
+  rows = [("", [x["stage"] for x in summaries])]
+  col = lambda f: [f(x) for x in summaries]
+  b = lambda key: col(lambda x: _gib(x["per_device_bytes"][key]))
+  rows += [
+      ("image size / window", col(lambda x: f"{x['settings']['img_size']} / "
+                                            f"{x['settings']['window_size']}")),
+      ("global batch", col(lambda x: f"{x['global_batch']:,}")),
+      ("accumulation x micro", col(lambda x: f"{x['accum_steps']} x "
+                                             f"{x['microbatch_per_device']}/device")),
+      ("parameters", col(lambda x: f"{x['params']:,}")),
+      ("FLOPs / step (model)", col(lambda x: f"{x['flops_per_step']:.3e}")),
+      ("per device: params", b("params")),
+      ("  optimizer state", b("opt_state")),
+      ("  gradients", col(lambda x: _gib(x["per_device_bytes"]["grads"]) + " (in temp)")),
+      ("  activations/temp", b("temp")),
+      ("  total", b("total")),
   ]
+  if all("estimate" in x for x in summaries):
+    e = first["estimate"]
+    rows += [(f"step at {e['mfu']:.0%} MFU, {e['accelerator']}",
+              col(lambda x: f"{x['estimate']['step_s']:.3g} s")),
+             ("stage", col(lambda x: f"{_duration(x['estimate']['stage_hours'])}, "
+                                     f"{x['estimate']['device_days']:.1f} device-days"))]
+  rows.append(("compile", col(lambda x: f"{x['compile_s']:.1f} s")))
   width = max(len(k) for k, _ in rows)
-  return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+  widths = [max(len(r[1][i]) for r in rows) for i in range(len(summaries))]
+  lines = [head] + [f"{k:<{width}}  " + "  ".join(f"{v:>{w}}" for v, w in zip(vals, widths))
+                    for k, vals in rows]
+  lines.append(f"compiled on {st['platform']} ({st['scheduler']} scheduler)")
+  return "\n".join(lines)
+
+
+def plan_stages(config, layout, num_classes: int) -> dict:
+  """Compiles every stage of the config on `layout` and summarises each."""
+  stages = {}
+  for name in config_lib.TRAINING_STAGES:
+    if name not in tuple(config.stages):
+      continue
+    task = (trainer_lib.simmim_task(config) if name == "pretrain"
+            else trainer_lib.finetune_task(config, num_classes))
+    start = time.perf_counter()
+    if task.stage_cfg.accum_steps == "auto":
+      trainer, compiled = fit_accum_steps(config, task, layout)
+    else:
+      trainer = trainer_lib.make_trainer(config, task, layout)
+      compiled = trainer_lib.compile_step(trainer, trainer_lib.trainer_batch(config, trainer))
+    stages[name] = summarize(trainer, compiled, config, compile_s=time.perf_counter() - start)
+    del trainer, compiled
+  if "eval" in tuple(config.stages):
+    start = time.perf_counter()
+    eval_step = trainer_lib.make_eval_step(config, num_classes, layout)
+    compiled = trainer_lib.compile_eval_step(config, eval_step)
+    stages["eval"] = summarize_eval(config, eval_step, compiled,
+                                    compile_s=time.perf_counter() - start)
+  return stages
 
 
 def dry_run(config, workdir: str) -> dict:
-  """Compiles the step of `config.plan.stage` for `config.plan.num_devices` fake devices,
-  prints the table and writes `workdir/plan.json`; returns the summary."""
+  """Compiles every stage of the config for `config.plan.num_devices` fake devices, prints
+  the table and writes `workdir/plan.json`; returns the plan."""
   config_lib.validate(config)
   p = config.plan
+  config_lib.check_batches(config, p.num_devices)
   devices = use_fake_cpu_devices(p.num_devices)
   layout = trainer_lib.make_layout(config, devices)
-  task = (trainer_lib.simmim_task(config) if p.stage == "pretrain"
-          else trainer_lib.finetune_task(config, _num_classes(config)))
-  trainer = trainer_lib.make_trainer(config, task, layout)
-  global_batch = p.per_device_batch * p.num_devices
   start = time.perf_counter()
-  batch_spec = trainer_lib.abstract_batch(config, task, global_batch)
-  compiled = trainer_lib.compile_step(trainer, batch_spec)
-  compile_s = time.perf_counter() - start
-  summary = summarize(trainer, compiled, config, global_batch=global_batch, compile_s=compile_s)
-  # ru_maxrss is in KiB on Linux: the peak of this whole process, compile included.
-  summary["host_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  stages = plan_stages(config, layout, _num_classes(config))
+  result = dict(stages=stages, num_devices=p.num_devices,
+                device_memory_gb=p.device_memory_gb,
+                fits=all(x["per_device_bytes"]["total"] <= p.device_memory_gb * 2**30
+                         for x in stages.values()),
+                plan_s=round(time.perf_counter() - start, 1),
+                # ru_maxrss is in KiB on Linux: the peak of this whole process.
+                host_peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, "plan.json")
   with open(path, "w") as f:
-    json.dump(summary, f, indent=2)
+    json.dump(result, f, indent=2)
   print(f"dry run: {p.num_devices} fake CPU devices, XLA memory-optimised CPU scheduler "
-        f"({MEMORY_SCHEDULER_FLAG})\n{format_table(summary)}\nwritten to {path}", flush=True)
-  return summary
+        f"({MEMORY_SCHEDULER_FLAG})\n{format_table(*stages.values())}\n"
+        f"{'fits' if result['fits'] else 'does NOT fit'} {p.device_memory_gb} GiB per device; "
+        f"planned in {result['plan_s']:.0f} s; written to {path}", flush=True)
+  return result

@@ -42,8 +42,16 @@ def make_mesh(axes: Sequence[str], shape: Sequence[int], devices=None) -> jax.sh
                        axis_types=(jax.sharding.AxisType.Auto,) * len(axes), devices=devices)
 
 
+def _key_name(k) -> str:
+  # DictKey .key, SequenceKey .idx, GetAttrKey .name (optax's named-tuple states).
+  for attr in ("key", "idx", "name"):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
 def path_string(path) -> str:
-  return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+  return ".".join(_key_name(k) for k in path)
 
 
 def auto_spec(shape: Sequence[int], axes: tuple[str, ...], mesh: jax.sharding.Mesh,
@@ -112,12 +120,36 @@ class Layout:
   def grads(self, params):
     return self._sharded(params) if self.zero_stage >= 2 else self.params(params)
 
-  def opt_state(self, opt_state):
-    return self._sharded(opt_state) if self.zero_stage >= 1 else self._replicated(opt_state)
+  def opt_state(self, opt_state, params=None):
+    """Optimizer-state shardings. A leaf that mirrors a parameter (Adam's mu and nu, an EMA)
+    is sharded by the rules as that parameter's path, so a rule written for `head.*` also
+    splits the head's moments; other leaves (counts) by their own path."""
+    if self.zero_stage < 1:
+      return self._replicated(opt_state)
+    param_paths = {}
+    if params is not None:
+      for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        param_paths[tuple(_key_name(k) for k in path)] = leaf.shape
+
+    def spec(path, leaf):
+      names = tuple(_key_name(k) for k in path)
+      for start in range(len(names)):
+        if param_paths.get(names[start:]) == leaf.shape:
+          names = names[start:]
+          break
+      return NamedSharding(self.mesh, spec_for(".".join(names), leaf.shape, self.rules,
+                                               self.data_axes, self.mesh,
+                                               self.min_sharded_size))
+
+    return jax.tree_util.tree_map_with_path(spec, opt_state)
 
   def batch(self, ndim: int = 1) -> NamedSharding:
     """The batch dimension is split over every data-parallel axis."""
     return NamedSharding(self.mesh, P(self.data_axes, *([None] * (ndim - 1))))
+
+  def microbatches(self, ndim: int = 2) -> NamedSharding:
+    """(accum_steps, microbatch, ...): each microbatch is split over every data-parallel axis."""
+    return NamedSharding(self.mesh, P(None, self.data_axes, *([None] * (ndim - 2))))
 
   def replicated(self) -> NamedSharding:
     return NamedSharding(self.mesh, P())
@@ -137,3 +169,18 @@ def global_batch(local: dict, sharding_for) -> dict:
   """Assembles the global batch from each process's local numpy share."""
   return {k: jax.make_array_from_process_local_data(sharding_for(v.ndim), v)
           for k, v in local.items()}
+
+
+def global_microbatches(local: dict, layout: Layout, accum_steps: int) -> dict:
+  """The global batch as the step takes it, (accum_steps, microbatch, ...).
+
+  Each process's rows are cut into `accum_steps` consecutive pieces: piece k goes to
+  microbatch k on this process's own devices, so no image moves between devices.
+  """
+  out = {}
+  for k, v in local.items():
+    pieces = v.reshape((accum_steps, v.shape[0] // accum_steps) + v.shape[1:])
+    global_shape = (accum_steps, pieces.shape[1] * jax.process_count()) + v.shape[1:]
+    out[k] = jax.make_array_from_process_local_data(layout.microbatches(pieces.ndim), pieces,
+                                                    global_shape)
+  return out

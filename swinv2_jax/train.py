@@ -11,7 +11,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import nnx
@@ -65,18 +64,49 @@ class NonFiniteLossError(FloatingPointError):
   pass
 
 
+def prior_eval_records(workdir: str, up_to_step: int) -> list[dict]:
+  """Evaluations made while fine-tuning up to a step (metrics.jsonl, process 0)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if jax.process_index() != 0 or not os.path.exists(path):
+    return []
+  records = {}
+  with open(path) as f:
+    for line in f:
+      try:
+        r = json.loads(line)
+      except json.JSONDecodeError:  # a line cut by a kill
+        continue
+      if r.get("stage") == "eval" and "top1" in r and r["step"] <= up_to_step:
+        records[r["step"]] = r
+  return [records[k] for k in sorted(records)]
+
+
 def train_stage(config, workdir: str, task: trainer_lib.Task, layout, writer: MetricWriter,
-                init_params: Params | None = None):
-  """Runs (or resumes, or skips when complete) one training stage; returns its final state."""
+                init_params: Params | None = None, evaluator: "Evaluator | None" = None):
+  """Runs (or resumes, or skips when complete) one training stage.
+
+  Returns its final state and the evaluations made while training (`<stage>.eval_every`).
+  """
   s = task.stage_cfg
   stage_dir = os.path.join(workdir, task.name)
-  trainer = trainer_lib.make_trainer(config, task, layout)
   mngr = checkpointing.manager(os.path.join(stage_dir, "checkpoints"),
                                keep=config.checkpoint.keep, use_async=config.checkpoint.use_async)
   latest = mngr.latest_step()
   if latest is not None and latest >= s.steps:
     logging.info("%s: complete (checkpoint at step %d), skipped", task.name, latest)
-    return checkpointing.restore(mngr, latest, trainer.abstract_state, trainer.state_shardings)
+    trainer = trainer_lib.make_trainer(config, task, layout, accum_steps=1)  # state shapes only
+    state = checkpointing.restore(mngr, latest, trainer.abstract_state, trainer.state_shardings)
+    return state, prior_eval_records(workdir, latest)
+
+  compile_start = time.perf_counter()
+  if s.accum_steps == "auto":
+    trainer, compiled = plan_lib.fit_accum_steps(config, task, layout)
+  else:
+    trainer = trainer_lib.make_trainer(config, task, layout)
+    compiled = trainer_lib.compile_step(trainer, trainer_lib.trainer_batch(config, trainer))
+  summary = plan_lib.summarize(trainer, compiled, config,
+                               compile_s=time.perf_counter() - compile_start)
+  logging.info("%s: compiled step\n%s", task.name, plan_lib.format_table(summary))
 
   mask_cfg = dict(mask_patch_size=config.pretrain.mask_patch_size,
                   model_patch_size=config.model.patch_size,
@@ -93,31 +123,34 @@ def train_stage(config, workdir: str, task: trainer_lib.Task, layout, writer: Me
     if init_params is not None:
       state = _with_params(state, init_params, trainer)
 
-  compile_start = time.perf_counter()
-  batch_spec = trainer_lib.abstract_batch(config, task, s.batch_size)
-  compiled = trainer_lib.compile_step(trainer, batch_spec)
-  summary = plan_lib.summarize(trainer, compiled, config, global_batch=s.batch_size,
-                                  compile_s=time.perf_counter() - compile_start)
-  logging.info("%s: compiled step\n%s", task.name, plan_lib.format_table(summary))
   # Made by a jit rather than device_put: every process holds it, also on multi-host meshes.
   rng = jax.jit(lambda: jax.random.key(config.seed + 1), out_shardings=layout.replicated())()
   step = int(jax.device_get(state["step"]))
+  evals = prior_eval_records(workdir, step)
+  eval_every = s.get("eval_every", 0) if evaluator is not None else 0
   last_log_time, last_log_step = time.time(), step
+  previous_metrics = None
   while step < s.steps:
     local = next(iterator)
-    batch = sharding_lib.global_batch(local, layout.batch)
+    batch = sharding_lib.global_microbatches(local, layout, trainer.accum_steps)
     state, metrics = compiled(state, batch, rng)
     step += 1
+    if s.skip_nonfinite and previous_metrics is not None:
+      # The previous step's count is ready by now: reading it does not stall the device.
+      _check_skipped(task.name, step - 1, int(previous_metrics["skipped_in_row"]), s, mngr)
+    previous_metrics = metrics
     save_now = step % s.checkpoint_every == 0 or step == s.steps
     if step % s.log_every == 0 or save_now:
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      if not np.isfinite(metrics["loss"]) or not np.isfinite(metrics["grad_norm"]):
+      if s.skip_nonfinite:
+        _check_skipped(task.name, step, int(metrics["skipped_in_row"]), s, mngr)
+      elif not np.isfinite(metrics["loss"]) or not np.isfinite(metrics["grad_norm"]):
         mngr.wait_until_finished()
         raise NonFiniteLossError(
             f"{task.name}: loss {metrics['loss']} / grad norm {metrics['grad_norm']} at step "
             f"{step}; nothing after step {mngr.latest_step()} was saved (checkpoints in "
             f"{mngr.directory}). Lower {task.name}.base_lr, lengthen warmup_steps or set "
-            f"clip_grad, or check the input data.")
+            f"clip_grad or {task.name}.skip_nonfinite, or check the input data.")
       now = time.time()
       images_per_s = (step - last_log_step) * s.batch_size / max(now - last_log_time, 1e-9)
       last_log_time, last_log_step = now, step
@@ -127,8 +160,29 @@ def train_stage(config, workdir: str, task: trainer_lib.Task, layout, writer: Me
                    metrics["grad_norm"], images_per_s)
     if save_now:
       checkpointing.save(mngr, step, state, iterator)
+    if eval_every and step % eval_every == 0:
+      # Logged as stage "eval" at the fine-tune step: TensorBoard's eval/top1 curve.
+      record = dict(stage="eval", step=step)
+      for prefix, params in (("", state["params"]), ("ema_", state.get("ema"))):
+        if params is not None:
+          result = evaluator(params)
+          record.update({f"{prefix}top1": result["top1"], f"{prefix}top5": result["top5"]})
+      evals.append(record)
+      writer.write(record)
+      logging.info("%s step %d/%d: eval %s", task.name, step, s.steps, ", ".join(
+          f"{k} {v:.4f}" for k, v in record.items() if k.endswith(("top1", "top5"))))
   mngr.wait_until_finished()
-  return state
+  return state, evals
+
+
+def _check_skipped(stage: str, step: int, in_row: int, s, mngr) -> None:
+  if in_row >= s.skip_nonfinite:
+    mngr.wait_until_finished()
+    raise NonFiniteLossError(
+        f"{stage}: {in_row} non-finite steps in a row up to step {step} (limit "
+        f"{stage}.skip_nonfinite={s.skip_nonfinite}); the last checkpoint is step "
+        f"{mngr.latest_step()} in {mngr.directory}. Lower {stage}.base_lr, lengthen "
+        f"warmup_steps or set clip_grad, or check the input data.")
 
 
 def _with_params(state, params: Params, trainer: trainer_lib.Trainer):
@@ -151,34 +205,51 @@ def _overlay(base: dict, top: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Evaluation: top-1 / top-5 over the whole eval split.
 # ---------------------------------------------------------------------------------------------
+class Evaluator:
+  """Top-1 / top-5 over the whole eval split, compiled once, for any parameters of the
+  fine-tune model (the training params, the EMA copy, or loaded weights)."""
+
+  def __init__(self, config, num_classes: int, layout):
+    self.config = config
+    self.step = trainer_lib.make_eval_step(config, num_classes, layout)
+
+  def __call__(self, params: Params) -> dict:
+    step = self.step
+    params = jax.device_put(params, step.param_shardings)
+    totals = dict(top1=0.0, top5=0.0, count=0.0)
+    eval_iter = data_lib.build_eval_iterator(
+        self.config.data, image_size=self.config.finetune.img_size,
+        global_batch_size=self.config.eval.batch_size)
+    with jax.set_mesh(step.layout.mesh):  # per-group weight gathering, as in training
+      for local in eval_iter:
+        batch = sharding_lib.global_batch(local, step.layout.batch)
+        for k, v in jax.device_get(step.counts(params, batch)).items():
+          totals[k] += float(v)
+    n = max(totals["count"], 1.0)
+    return dict(top1=totals["top1"] / n, top5=totals["top5"] / n,
+                num_examples=int(totals["count"]))
+
+
 def evaluate(config, params: Params, num_classes: int, layout) -> dict:
-  model = nnx.eval_shape(lambda: trainer_lib.build_classifier(config, "eval", num_classes))
-  model.eval()
-  graphdef, abstract = trainer_lib.split_params(model)
-  params = jax.device_put(params, layout.params(abstract))
-
-  @jax.jit
-  def counts(params, batch):
-    logits = nnx.merge(graphdef, params)(batch["image"])
-    top5 = jax.lax.top_k(logits, min(5, num_classes))[1]
-    hit = top5 == batch["label"][:, None]
-    valid = batch["valid"].astype(jnp.float32)
-    return dict(top1=jnp.sum(hit[:, 0] * valid), top5=jnp.sum(jnp.any(hit, -1) * valid),
-                count=jnp.sum(valid))
-
-  totals = dict(top1=0.0, top5=0.0, count=0.0)
-  eval_iter = data_lib.build_eval_iterator(config.data, image_size=config.finetune.img_size,
-                                           global_batch_size=config.eval.batch_size)
-  for local in eval_iter:
-    batch = sharding_lib.global_batch(local, layout.batch)
-    for k, v in jax.device_get(counts(params, batch)).items():
-      totals[k] += float(v)
-  n = max(totals["count"], 1.0)
-  return dict(top1=totals["top1"] / n, top5=totals["top5"] / n, num_examples=int(totals["count"]))
+  return Evaluator(config, num_classes, layout)(params)
 
 
-def load_eval_params(config, workdir: str, num_classes: int, layout) -> tuple[Params, str]:
-  """Parameters to evaluate: config.eval_checkpoint, else the workdir's latest fine-tune."""
+def best_of(evals: list[dict], final: dict, final_step: int | None, prefix: str = "") -> dict:
+  """The best top-1 over the evaluations made while training and the final one."""
+  points = [(r[f"{prefix}top1"], r["step"]) for r in evals if f"{prefix}top1" in r]
+  if final_step is not None:
+    points.append((final["top1"], final_step))
+  if not points:
+    return {}
+  top1, step = max(points, key=lambda p: (p[0], -p[1]))  # the earliest of equals
+  return {f"{prefix}best_top1": top1, f"{prefix}best_step": step}
+
+
+def load_eval_params(config, workdir: str, num_classes: int, layout):
+  """Parameters to evaluate: config.eval_checkpoint, else the workdir's latest fine-tune.
+
+  Returns (params, ema params or None, source, fine-tune step or None).
+  """
   path = config.eval_checkpoint
   if path:
     model = trainer_lib.build_classifier(config, "eval", num_classes)
@@ -186,9 +257,9 @@ def load_eval_params(config, workdir: str, num_classes: int, layout) -> tuple[Pa
       convert.load_params(path, model)
     else:
       convert.load_pytorch_weights(model, path)
-    return trainer_lib.split_params(model)[1], path
+    return trainer_lib.split_params(model)[1], None, path, None
   task = trainer_lib.finetune_task(config, num_classes)
-  trainer = trainer_lib.make_trainer(config, task, layout)
+  trainer = trainer_lib.make_trainer(config, task, layout, accum_steps=1)  # state shapes only
   ckpt_dir = os.path.join(workdir, "finetune", "checkpoints")
   mngr = checkpointing.manager(ckpt_dir, keep=config.checkpoint.keep, use_async=False)
   latest = mngr.latest_step()
@@ -197,7 +268,7 @@ def load_eval_params(config, workdir: str, num_classes: int, layout) -> tuple[Pa
         f"no fine-tuning checkpoint in {ckpt_dir} to evaluate: run the finetune stage first "
         f"or set config.eval_checkpoint to a checkpoint path")
   state = checkpointing.restore(mngr, latest, trainer.abstract_state, trainer.state_shardings)
-  return state.get("ema", state["params"]), os.path.join(ckpt_dir, str(latest))
+  return state["params"], state.get("ema"), os.path.join(ckpt_dir, str(latest)), latest
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,32 +298,45 @@ def finetune_init_params(config, workdir: str, num_classes: int, layout) -> Para
 def run(config, workdir: str) -> dict:
   """Runs the configured stages in order; returns the eval result when evaluation ran."""
   config_lib.validate(config)
+  layout = trainer_lib.make_layout(config)
+  config_lib.check_batches(config, layout.mesh.size)
   os.makedirs(workdir, exist_ok=True)
   write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
-  layout = trainer_lib.make_layout(config)
   writer = MetricWriter(workdir)
   info = data_lib.dataset_info(config.data)
   logging.info("data %s: %d classes, %d train / %d eval examples", config.data.name,
                info.num_classes, info.num_train_examples, info.num_eval_examples)
   stages = ("eval",) if config.eval_only else tuple(config.stages)
-  final_params, source = None, None
+  evaluator = None
+  if "eval" in stages or ("finetune" in stages and config.finetune.eval_every):
+    evaluator = Evaluator(config, info.num_classes, layout)
+  final, evals = None, []  # final: (params, ema, source, step)
   for stage in stages:
     if stage == "pretrain":
-      state = train_stage(config, workdir, trainer_lib.simmim_task(config), layout, writer)
+      state, _ = train_stage(config, workdir, trainer_lib.simmim_task(config), layout, writer)
       # The encoder alone, for fine-tuning (a collective save on multi-host).
       checkpointing.save_tree(os.path.join(workdir, "pretrain", "encoder"),
                               state["params"]["encoder"])
     elif stage == "finetune":
       init = finetune_init_params(config, workdir, info.num_classes, layout)
       task = trainer_lib.finetune_task(config, info.num_classes)
-      state = train_stage(config, workdir, task, layout, writer,
-                          init_params=init)
-      final_params = state.get("ema", state["params"])
-      source = os.path.join(workdir, "finetune", "checkpoints", str(int(state["step"])))
+      state, evals = train_stage(config, workdir, task, layout, writer, init_params=init,
+                                 evaluator=evaluator)
+      step = int(state["step"])
+      final = (state["params"], state.get("ema"),
+               os.path.join(workdir, "finetune", "checkpoints", str(step)), step)
     elif stage == "eval":
-      if final_params is None:
-        final_params, source = load_eval_params(config, workdir, info.num_classes, layout)
-      result = evaluate(config, final_params, info.num_classes, layout)
+      if final is None:
+        final = load_eval_params(config, workdir, info.num_classes, layout)
+        if final[3] is not None:
+          evals = prior_eval_records(workdir, final[3])
+      params, ema, source, step = final
+      result = evaluator(params)
+      result.update(best_of(evals, result, step))
+      if ema is not None:  # the EMA weights, evaluated beside the raw ones
+        ema_result = evaluator(ema)
+        result.update(ema_top1=ema_result["top1"], ema_top5=ema_result["top5"],
+                      **best_of(evals, ema_result, step, prefix="ema_"))
       result["checkpoint"] = source
       write_json(os.path.join(workdir, "eval.json"), result)
       logging.info("eval: top-1 %.4f top-5 %.4f on %d examples (%s)", result["top1"],

@@ -114,10 +114,21 @@ class Trainer:
   step: Callable
   layout: sharding_lib.Layout
   num_params: int
+  accum_steps: int
 
 
-def make_trainer(config, task: Task, layout: sharding_lib.Layout) -> Trainer:
+def _add(tree_a, tree_b):
+  return jax.tree.map(jnp.add, tree_a, tree_b)
+
+
+def make_trainer(config, task: Task, layout: sharding_lib.Layout,
+                 accum_steps: int | None = None) -> Trainer:
+  """The sharded train state and the jitted step of a stage.
+
+  `accum_steps` resolves `<stage>.accum_steps='auto'` (the memory plan picks it).
+  """
   s = task.stage_cfg
+  accum = config_lib.resolve_accum_steps(config, task.name, accum_steps)
   abstract_model = nnx.eval_shape(lambda: task.build(config.seed))
   graphdef, abstract_params = split_params(abstract_model)
   backbone = _backbone(abstract_model)
@@ -129,39 +140,80 @@ def make_trainer(config, task: Task, layout: sharding_lib.Layout) -> Trainer:
       layer_decay=s.layer_decay, depths=backbone.depths,
       blocks_per_group=[st.blocks_per_group for st in backbone.stages], betas=tuple(s.betas))
   use_ema = task.name == "finetune" and s.ema_decay > 0
+  skip_nonfinite = s.skip_nonfinite > 0
 
   def init():
     _, params = split_params(task.build(config.seed))
-    state = dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    state = dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                 skipped_in_row=jnp.zeros((), jnp.int32))
     if use_ema:
       state["ema"] = params
     return state
 
   abstract_state = jax.eval_shape(init)
-  state_shardings = dict(step=layout.replicated(), params=layout.params(abstract_state["params"]),
-                         opt_state=layout.opt_state(abstract_state["opt_state"]))
+  params_shape = abstract_state["params"]
+  state_shardings = dict(step=layout.replicated(), params=layout.params(params_shape),
+                         opt_state=layout.opt_state(abstract_state["opt_state"], params_shape),
+                         skipped_in_row=layout.replicated())
   if use_ema:  # the EMA copy is optimizer-like state: sharded from ZeRO stage 1
-    state_shardings["ema"] = layout.opt_state(abstract_state["params"])
-  grad_shardings = layout.grads(abstract_state["params"])
+    state_shardings["ema"] = layout.opt_state(params_shape, params_shape)
+  grad_shardings = layout.grads(params_shape)
 
-  def train_step(state, batch, rng):
-    rng = jax.random.fold_in(rng, state["step"])
-
+  def microbatch_grads(params, batch, rng):
     def loss_fn(params):
       return task.loss(nnx.merge(graphdef, params), batch, rng)
 
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    # ZeRO-2/3: gradients live sharded, so XLA reduce-scatters instead of all-reducing.
-    grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    # ZeRO-2/3: gradients live sharded, so XLA reduce-scatters instead of all-reducing, and
+    # the accumulated sum below is held as a shard per device, never as a whole buffer.
+    grads = jax.lax.with_sharding_constraint(
+        jax.tree.map(lambda g: g.astype(jnp.float32), grads), grad_shardings)
+    return loss, aux, grads
+
+  def train_step(state, batch, rng):
+    """One optimizer update from a global batch laid out as (accum_steps, microbatch, ...)."""
+    rng = jax.random.fold_in(rng, state["step"])
+    params = state["params"]
+    if accum == 1:
+      loss, aux, grads = microbatch_grads(
+          params, jax.tree.map(lambda x: x[0], batch), jax.random.fold_in(rng, 0))
+    else:
+      # Stochastic depth and mixup/cutmix draw per microbatch (a key per microbatch), as timm
+      # draws one mixup lambda per rank and batch. Every microbatch has the same size, so the
+      # mean of the microbatch means is the mean over the global batch.
+      def accumulate(carry, xs):
+        index, microbatch = xs
+        loss, aux, grads = microbatch_grads(params, microbatch, jax.random.fold_in(rng, index))
+        return (carry[0] + loss, _add(carry[1], grads)), aux
+
+      zeros = jax.lax.with_sharding_constraint(
+          jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params), grad_shardings)
+      (loss, grads), aux = jax.lax.scan(
+          accumulate, (jnp.zeros((), jnp.float32), zeros), (jnp.arange(accum), batch))
+      loss = loss / accum
+      grads = jax.tree.map(lambda g: g / accum, grads)
+      aux = jax.tree.map(lambda a: jnp.mean(a, axis=0), aux)
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_state = dict(state, step=state["step"] + 1, params=optax.apply_updates(params, updates),
+                     opt_state=opt_state)
     if use_ema:
       decay = s.ema_decay
       new_state["ema"] = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p,
-                                      state["ema"], params)
-    metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads), lr=schedule(state["step"]),
-                   **aux)
+                                      state["ema"], new_state["params"])
+    metrics = dict(loss=loss, grad_norm=grad_norm, lr=schedule(state["step"]), **aux)
+    if skip_nonfinite:
+      # A non-finite loss or gradient leaves params, moments and EMA as they were; the step
+      # (and so the schedule and the data) moves on. The loop stops after K in a row.
+      finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+      kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                          {k: new_state[k] for k in ("params", "opt_state", "ema")
+                           if k in new_state},
+                          {k: state[k] for k in ("params", "opt_state", "ema") if k in state})
+      new_state.update(kept)
+      new_state["skipped_in_row"] = jnp.where(finite, 0, state["skipped_in_row"] + 1)
+      metrics["skipped"] = 1 - finite.astype(jnp.int32)
+    metrics["skipped_in_row"] = new_state["skipped_in_row"]
     return new_state, metrics
 
   jit_init = jax.jit(init, out_shardings=state_shardings)
@@ -169,24 +221,32 @@ def make_trainer(config, task: Task, layout: sharding_lib.Layout) -> Trainer:
                      out_shardings=(state_shardings, layout.replicated()))
   num_params = sum(x.size for x in jax.tree.leaves(abstract_params))
   return Trainer(task, graphdef, abstract_state, state_shardings, schedule, jit_init, jit_step,
-                 layout, num_params)
+                 layout, num_params, accum)
 
 
 def batch_shardings(layout, batch_spec: dict):
-  return {k: layout.batch(len(v.shape)) for k, v in batch_spec.items()}
+  return {k: layout.microbatches(len(v.shape)) for k, v in batch_spec.items()}
 
 
-def abstract_batch(config, task: Task, global_batch: int) -> dict:
-  """Shapes of one global batch of a stage (for ahead-of-time compilation)."""
+def abstract_batch(config, task: Task, global_batch: int, accum_steps: int = 1) -> dict:
+  """Shapes of one global batch of a stage, as the step takes it: (accum_steps, microbatch x
+  devices, ...), so that every microbatch is spread over all data-parallel devices."""
   s = task.stage_cfg
   h, w = (s.img_size, s.img_size) if isinstance(s.img_size, int) else tuple(s.img_size)
-  batch = dict(image=jax.ShapeDtypeStruct((global_batch, h, w, 3), jnp.float32))
+  lead = (accum_steps, global_batch // accum_steps)
+  batch = dict(image=jax.ShapeDtypeStruct(lead + (h, w, 3), jnp.float32))
   if task.data_kind == "simmim":
     p = config.model.patch_size
-    batch["mask"] = jax.ShapeDtypeStruct((global_batch, h // p, w // p), jnp.int32)
+    batch["mask"] = jax.ShapeDtypeStruct(lead + (h // p, w // p), jnp.int32)
   else:
-    batch["label"] = jax.ShapeDtypeStruct((global_batch,), jnp.int32)
+    batch["label"] = jax.ShapeDtypeStruct(lead, jnp.int32)
   return batch
+
+
+def trainer_batch(config, trainer: Trainer) -> dict:
+  """The abstract global batch of a trainer's stage, at its accumulation."""
+  return abstract_batch(config, trainer.task, trainer.task.stage_cfg.batch_size,
+                        trainer.accum_steps)
 
 
 def lower_step(trainer: Trainer, batch_spec: dict):
@@ -202,7 +262,55 @@ def compile_step(trainer: Trainer, batch_spec: dict):
   return lower_step(trainer, batch_spec).compile()
 
 
+@dataclasses.dataclass
+class EvalStep:
+  """The jitted evaluation of a classifier: top-1/top-5 hit counts of one global batch."""
+  abstract_params: Any
+  param_shardings: Any
+  counts: Callable  # (params, batch {image, label, valid}) -> {top1, top5, count}
+  layout: sharding_lib.Layout
+
+
+def make_eval_step(config, num_classes: int, layout: sharding_lib.Layout) -> EvalStep:
+  """Evaluation at the fine-tune size, with parameters sharded as in training (ZeRO-3: each
+  scanned group's weights are gathered inside the loop, as in the train step)."""
+  model = nnx.eval_shape(lambda: build_classifier(config, "eval", num_classes))
+  model.eval()
+  graphdef, abstract = split_params(model)
+
+  def counts(params, batch):
+    logits = nnx.merge(graphdef, params)(batch["image"])
+    top5 = jax.lax.top_k(logits, min(5, num_classes))[1]
+    hit = top5 == batch["label"][:, None]
+    valid = batch["valid"].astype(jnp.float32)
+    return dict(top1=jnp.sum(hit[:, 0] * valid), top5=jnp.sum(jnp.any(hit, -1) * valid),
+                count=jnp.sum(valid))
+
+  param_shardings = layout.params(abstract)
+  jitted = jax.jit(counts, in_shardings=(param_shardings, None),
+                   out_shardings=layout.replicated())
+  return EvalStep(abstract, param_shardings, jitted, layout)
+
+
+def abstract_eval_batch(config) -> dict:
+  h, w = config_lib.to_pair(config.finetune.img_size)
+  b = config.eval.batch_size
+  return dict(image=jax.ShapeDtypeStruct((b, h, w, 3), jnp.float32),
+              label=jax.ShapeDtypeStruct((b,), jnp.int32),
+              valid=jax.ShapeDtypeStruct((b,), jnp.bool_))
+
+
+def compile_eval_step(config, eval_step: EvalStep):
+  layout = eval_step.layout
+  params = checkpointing.abstract_with_shardings(eval_step.abstract_params,
+                                                 eval_step.param_shardings)
+  spec = abstract_eval_batch(config)
+  batch = checkpointing.abstract_with_shardings(
+      spec, {k: layout.batch(len(v.shape)) for k, v in spec.items()})
+  with jax.set_mesh(layout.mesh):
+    return eval_step.counts.lower(params, batch).compile()
+
+
 def make_layout(config, devices=None) -> sharding_lib.Layout:
   mesh = sharding_lib.make_mesh(config.mesh.axes, config.mesh.shape, devices)
-  return sharding_lib.Layout(mesh, zero_stage=config.mesh.zero_stage,
-                                   rules=config.mesh.rules)
+  return sharding_lib.Layout(mesh, zero_stage=config.mesh.zero_stage, rules=config.mesh.rules)

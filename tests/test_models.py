@@ -1,5 +1,7 @@
 """Model family: sizes, API, window geometry, and the scan/remat/sequential-attention paths."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +10,7 @@ from flax import nnx
 
 from swinv2_jax import models
 from swinv2_jax.models import complexity
+from swinv2_jax.models import layers
 from swinv2_jax.models import windows as win
 
 TINY = dict(img_size=64, patch_size=4, embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4),
@@ -191,3 +194,30 @@ def test_remat_and_sequential_attention_keep_loss_and_gradients():
 def test_attention_chunks_must_divide_windows():
   with pytest.raises(ValueError, match="attention_chunks=3"):
     _build(attention_chunks=(3, 1, 1, 1))
+
+
+def _constant_sizes(stablehlo: str) -> list[int]:
+  """Bytes of every constant in a lowered StableHLO module."""
+  sizes = []
+  for m in re.finditer(r"stablehlo\.constant dense<.*?> : tensor<([0-9x]*)([a-z]+[0-9]*)>",
+                       stablehlo):
+    dims, dtype = m.group(1), m.group(2)
+    count = int(np.prod([int(d) for d in dims.strip("x").split("x")])) if dims else 1
+    bits = 8 if dtype in ("i1", "pred") else int(re.sub(r"\D", "", dtype) or 8)
+    sizes.append(count * max(bits, 8) // 8)
+  return sizes
+
+
+def test_no_large_constant_in_a_giant_1536_stage_one_block():
+  """SwinV2-G at 1536 px, stage 1: a shifted 32x32-window block over a 384x384 map (144
+  windows of 1024 tokens). The shift mask (576 MiB as a float32 constant) and the position
+  index (4 MiB) are built in the graph, so no constant in the program is over 1 MiB."""
+  block = nnx.eval_shape(lambda: layers.SwinV2Block(
+      512, 16, (384, 384), (32, 32), (16, 16), (12, 12), attention_chunks=16,
+      dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(block)
+  x = jax.ShapeDtypeStruct((1, 384, 384, 512), jnp.bfloat16)
+  text = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(state, x).as_text()
+  sizes = _constant_sizes(text)
+  assert sizes, "no constants found: the parser would miss a large one"
+  assert max(sizes) <= 2**20, sorted(sizes)[-5:]

@@ -28,13 +28,19 @@ _SCRIPT = textwrap.dedent("""
       c.model.depths, c.model.num_heads, c.model.embed_dim = (2, 8), (4, 8), 128
       c.model.remat, c.model.attention_chunks = remat, (4, 2)
       c.finetune.img_size, c.finetune.window_size, c.finetune.pretrained_window_sizes = 256, 8, 4
+      c.finetune.batch_size, c.finetune.accum_steps = 8, 1
       c.pretrain.img_size, c.pretrain.window_size = 64, 4
-      c.mesh.zero_stage, c.plan.num_devices, c.plan.per_device_batch = 3, 8, 1
+      c.pretrain.batch_size, c.pretrain.accum_steps = 32, 2
+      c.eval.batch_size = 16
+      c.mesh.zero_stage, c.plan.num_devices = 3, 8
+      c.plan.accelerator, c.plan.mfu = "h100", 0.5
       return c
 
     out = sys.argv[1]
     plan.dry_run(config("full"), out + "/full")
-    plan.dry_run(config("none"), out + "/none")
+    c = config("none")
+    c.stages = ("finetune",)
+    plan.dry_run(c, out + "/none")
 """)
 
 
@@ -55,22 +61,41 @@ def plans(tmp_path_factory):
   return {name: json.loads((out / name / "plan.json").read_text()) for name in ("full", "none")}
 
 
-def test_plan_json_has_the_required_keys(plans):
-  plan = plans["full"]
-  for key in ("params", "flops_per_step", "mesh", "per_device_bytes"):
-    assert key in plan
-  for key in ("params", "opt_state", "temp", "total"):
-    assert plan["per_device_bytes"][key] > 0
-  b = plan["per_device_bytes"]
-  assert b["total"] == b["params"] + b["opt_state"] + b["temp"]
-  assert plan["mesh"] == {"data": 8}
-  assert plan["global_batch"] == 8
-  assert plan["settings"]["scheduler"] == "memory-optimised"
-  assert plan["flops_per_step"] > 0
+def test_every_stage_is_planned_at_its_own_size_batch_and_accumulation(plans):
+  stages = plans["full"]["stages"]
+  assert list(stages) == ["pretrain", "finetune", "eval"]
+  for name, entry in stages.items():
+    for key in ("stage", "global_batch", "accum_steps", "microbatch_per_device", "mesh",
+                "params", "flops_per_step", "per_device_bytes"):
+      assert key in entry, (name, key)
+    assert entry["mesh"] == {"data": 8}
+    assert entry["settings"]["scheduler"] == "memory-optimised"
+    b = entry["per_device_bytes"]
+    assert b["params"] > 0 and b["temp"] > 0
+  pre, fine, ev = stages["pretrain"], stages["finetune"], stages["eval"]
+  # 32 = 2 x 2 x 8 and 8 = 1 x 1 x 8; the eval batch of 16 is 2 per device.
+  assert (pre["accum_steps"], pre["microbatch_per_device"]) == (2, 2)
+  assert (fine["accum_steps"], fine["microbatch_per_device"]) == (1, 1)
+  assert ev["microbatch_per_device"] == 2 and ev["per_device_bytes"]["opt_state"] == 0
+  assert (pre["settings"]["img_size"], fine["settings"]["img_size"]) == (64, 256)
+  # Model FLOPs scale with pixels x batch (64 px x 32 vs 256 px x 8: a quarter; SimMIM has
+  # no head), both x3 for training; eval is the forward alone.
+  assert fine["params"] == ev["params"] != pre["params"]  # SimMIM: decoder, no head
+  assert 0.1 < pre["flops_per_step"] / fine["flops_per_step"] < 0.5
+  assert ev["flops_per_step"] == pytest.approx(fine["flops_per_step"] / 3 * 16 / 8, rel=1e-6)
+
+
+def test_wall_time_estimate_follows_the_accelerator_and_mfu(plans):
+  fine = plans["full"]["stages"]["finetune"]
+  e = fine["estimate"]
+  step_s = fine["flops_per_step"] / (8 * 989e12 * 0.5)
+  assert (e["accelerator"], e["mfu"]) == ("h100", 0.5)
+  assert e["step_s"] == pytest.approx(step_s, rel=1e-9)
+  assert e["device_days"] == pytest.approx(step_s * fine["steps"] * 8 / 86400, rel=1e-9)
 
 
 def test_zero3_shards_parameters_over_the_eight_devices(plans):
-  plan = plans["full"]
+  plan = plans["full"]["stages"]["finetune"]
   whole = plan["params"] * 4  # float32 parameters
   per_device = plan["per_device_bytes"]["params"]
   # Norms, biases and the CPB MLPs stay replicated (too small to shard): a few percent more.
@@ -80,9 +105,47 @@ def test_zero3_shards_parameters_over_the_eight_devices(plans):
 
 
 def test_remat_lowers_the_temporaries(plans):
-  full, none = plans["full"]["per_device_bytes"], plans["none"]["per_device_bytes"]
+  full = plans["full"]["stages"]["finetune"]["per_device_bytes"]
+  none = plans["none"]["stages"]["finetune"]["per_device_bytes"]
+  assert list(plans["none"]["stages"]) == ["finetune"]
   assert full["params"] == none["params"]
   assert full["temp"] < 0.85 * none["temp"], (full["temp"], none["temp"])
+
+
+_AUTO = textwrap.dedent("""
+    import json, sys
+    from swinv2_jax import config as config_lib, plan, trainer as trainer_lib
+    sys.path.insert(0, "configs")
+    import digits
+    devices = plan.use_fake_cpu_devices(8)
+    c = digits.get_config("tiny")
+    c.model.embed_dim, c.model.depths, c.model.num_heads = 16, (2, 2), (1, 2)
+    c.pretrain.batch_size, c.pretrain.accum_steps = 32, "auto"  # 4 per device: 1, 2 or 4
+    layout = trainer_lib.make_layout(c, devices)
+    task = trainer_lib.simmim_task(c)
+    chosen = {}
+    trainer, compiled = plan.fit_accum_steps(c, task, layout, budget_bytes=1e12)
+    chosen["roomy"] = trainer.accum_steps
+    micro_one = trainer_lib.make_trainer(c, task, layout, 4)  # microbatches of 1 image
+    one = plan.memory_summary(trainer_lib.compile_step(
+        micro_one, trainer_lib.trainer_batch(c, micro_one)), micro_one)["total"]
+    trainer, _ = plan.fit_accum_steps(c, task, layout, budget_bytes=one + 1)
+    chosen["tight"] = trainer.accum_steps
+    try:
+      plan.fit_accum_steps(c, task, layout, budget_bytes=one - 1)
+    except plan.DoesNotFitError as e:
+      chosen["none"] = str(e)
+    print(json.dumps(chosen))
+""")
+
+
+def test_auto_accumulation_picks_the_largest_microbatch_that_fits():
+  result = _run(_AUTO)
+  assert result.returncode == 0, result.stderr[-3000:]
+  chosen = json.loads(result.stdout.strip().splitlines()[-1])
+  assert chosen["roomy"] == 1  # 4 images per device in one microbatch
+  assert chosen["tight"] == 4  # only a microbatch of 1 fits: 4 of them
+  assert "pretrain.accum_steps='auto'" in chosen["none"] and "GiB" in chosen["none"]
 
 
 def test_dry_run_refuses_a_backend_started_with_other_devices():
@@ -111,8 +174,11 @@ def test_giant_1536_fits_40_gb_on_eight_devices(tmp_path):
        f"--workdir={tmp_path}", "--config.dry_run=True"],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
   assert result.returncode == 0, result.stderr[-3000:]
-  plan = json.loads((tmp_path / "plan.json").read_text())
-  per_device = plan["per_device_bytes"]
-  assert plan["params"] == 3_001_940_680
-  assert per_device["total"] < 40e9, per_device
-  assert per_device["params"] == pytest.approx(plan["params"] * 4 / 8, rel=0.05)
+  stages = json.loads((tmp_path / "plan.json").read_text())["stages"]
+  assert list(stages) == ["pretrain", "finetune", "eval"]
+  for name, entry in stages.items():
+    assert entry["per_device_bytes"]["total"] <= 40 * 2**30, (name, entry["per_device_bytes"])
+  fine = stages["finetune"]
+  assert fine["params"] == 3_001_940_680
+  assert (fine["global_batch"], stages["pretrain"]["global_batch"]) == (576, 9216)
+  assert fine["per_device_bytes"]["params"] == pytest.approx(fine["params"] * 4 / 8, rel=0.05)

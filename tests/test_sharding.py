@@ -25,6 +25,7 @@ STEPS = 3
 GLOBAL_BATCH = 16
 # Which ZeRO stages each device count trains (the 1-device run is the reference).
 RUNS = {1: (0,), 2: (0,), 8: (1, 2, 3)}
+ACCUM_DEVICES = (1, 8)  # gradient accumulation vs one big step, on these device counts
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
@@ -95,15 +96,18 @@ def _child(num_devices: int, stages: tuple[int, ...], train_stages: tuple[int, .
       continue
     rng = jax.jit(lambda: jax.random.key(1), out_shardings=plan.replicated())()
     # The step exactly as the main job compiles it (ahead of time, under the mesh).
-    step = trainer_lib.compile_step(trainer, trainer_lib.abstract_batch(config, task, GLOBAL_BATCH))
+    step = trainer_lib.compile_step(trainer, trainer_lib.trainer_batch(config, trainer))
     results[f"z{stage}/init_params"] = _flat(state["params"])
     losses = []
     for local in batches:
-      batch = sharding.global_batch(local, plan.batch)
+      batch = sharding.global_microbatches(local, plan, trainer.accum_steps)
       state, metrics = step(state, batch, rng)
       losses.append(float(metrics["loss"]))
     results[f"z{stage}/loss"] = np.array(losses)
     results[f"z{stage}/params"] = _flat(state["params"])
+
+  if num_devices in ACCUM_DEVICES:
+    results.update(_accumulation(config, num_devices))
 
   if num_devices == 8:
     # -1 takes the devices left over, in any position.
@@ -121,6 +125,59 @@ def _child(num_devices: int, stages: tuple[int, ...], train_stages: tuple[int, .
     results["swinv2_tiny/planned"] = sum(sharding.per_device_bytes(abstract[k], shardings[k])
                                          for k in ("params", "opt_state"))
   np.savez(out, **results)
+
+
+def _accumulation(config, num_devices: int) -> dict:
+  """One step of 8 images per device vs 4 microbatches of 2, at ZeRO 1 and 3 (mixup off,
+  drop path 0, so the two see the same function of the same images); and the compiled
+  accumulating step's collectives, none of which may carry image-shaped data."""
+  from swinv2_jax import trainer as trainer_lib
+  config = config.copy_and_resolve_references()
+  config.finetune.drop_path_rate = 0.0
+  config.finetune.batch_size = 8 * num_devices
+  task = trainer_lib.finetune_task(config, num_classes=10)
+  data = np.random.default_rng(1)
+  batches = [dict(image=data.normal(size=(8 * num_devices, 32, 32, 3)).astype(np.float32),
+                  label=data.integers(0, 10, size=(8 * num_devices,)).astype(np.int32))
+             for _ in range(2)]
+  out = {}
+  for zero in (1, 3):
+    for accum in (1, 4):
+      mesh = sharding.make_mesh(config.mesh.axes, config.mesh.shape)
+      layout = sharding.Layout(mesh, zero_stage=zero, rules=config.mesh.rules,
+                               min_sharded_size=0)
+      trainer = trainer_lib.make_trainer(config, task, layout, accum_steps=accum)
+      config.finetune.accum_steps = accum
+      step = trainer_lib.compile_step(trainer, trainer_lib.trainer_batch(config, trainer))
+      if accum > 1:
+        out[f"accum/z{zero}/hlo_collectives"] = json.dumps(_collective_shapes(step.as_text()))
+      state = trainer.init()
+      rng = jax.jit(lambda: jax.random.key(1), out_shardings=layout.replicated())()
+      losses = []
+      for local in batches:
+        batch = sharding.global_microbatches(local, layout, accum)
+        state, metrics = step(state, batch, rng)
+        losses.append(float(metrics["loss"]))
+      out[f"accum/z{zero}/a{accum}/loss"] = np.array(losses)
+      out[f"accum/z{zero}/a{accum}/params"] = _flat(state["params"])
+  config.finetune.accum_steps = 1
+  return out
+
+
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+
+
+def _collective_shapes(hlo: str) -> list[str]:
+  """The result shapes of every collective in an optimised HLO module."""
+  shapes = []
+  for line in hlo.splitlines():
+    if "=" not in line:
+      continue
+    lhs, rhs = line.split("=", 1)
+    op = rhs.strip().split("(")[0].split(" ")[-1]
+    if any(op.startswith(c) for c in COLLECTIVES):
+      shapes.append(rhs.strip().split(" ")[0] + " " + op)
+  return shapes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,6 +260,31 @@ def test_training_is_identical_at_every_stage_and_device_count(runs):
   assert np.max(np.abs(reference["z0/params"] - reference["z0/init_params"])) > 1e-3
 
 
+def test_accumulated_microbatches_equal_one_large_step(runs):
+  """4 microbatches of 2 images per device == one step of 8, loss and updated parameters,
+  on 1 and 8 devices at ZeRO 1 and 3 (float32 rounding: the sums are reassociated)."""
+  for n in ACCUM_DEVICES:
+    for zero in (1, 3):
+      got = lambda a, what: runs[n][f"accum/z{zero}/a{a}/{what}"]
+      np.testing.assert_allclose(got(4, "loss"), got(1, "loss"), rtol=2e-6,
+                                 err_msg=f"loss, {n} devices, ZeRO {zero}")
+      np.testing.assert_allclose(got(4, "params"), got(1, "params"), rtol=0, atol=2e-6,
+                                 err_msg=f"params, {n} devices, ZeRO {zero}")
+      # Two steps at lr 1e-2 moved the parameters far beyond that tolerance.
+      assert np.max(np.abs(got(1, "params") - runs[1]["z0/init_params"])) > 1e-3
+
+
+def test_accumulating_step_moves_no_image_between_devices(runs):
+  """The host lays out (accum, microbatch) so each device already holds its images: the
+  compiled 8-device step has collectives (gradient reductions, ZeRO-3 gathers), but none of
+  them carries image-shaped data (..., 32, 32, 3)."""
+  for zero in (1, 3):
+    shapes = json.loads(str(runs[8][f"accum/z{zero}/hlo_collectives"]))
+    assert shapes, "an 8-device step without collectives: the check would be vacuous"
+    assert not [s for s in shapes if "32,32,3]" in s], shapes
+    assert not [s for s in shapes if "all-to-all" in s], shapes
+
+
 def test_make_mesh_rejects_bad_shapes():
   with pytest.raises(ValueError, match="differ in length"):
     sharding.make_mesh(("data",), (1, 1))
@@ -253,6 +335,26 @@ def test_rule_with_a_wrong_number_of_entries_is_an_error():
   with pytest.raises(ValueError, match="one entry per dimension"):
     sharding.spec_for("layers.0.attn.qkv.kernel", (1, 96, 288),
                       [(r".*qkv.*", (None, "model"))], ("data",), MESH)
+
+
+def test_a_parameter_rule_also_shards_that_parameters_adam_moments():
+  """optax states are named tuples: their paths read `1.0.mu.head.kernel`, which a rule
+  anchored on the parameter path (`head\..*`) must still reach."""
+  import optax
+  mesh = sharding.make_mesh(("data",), (-1,))
+  rules = [(r"head\.kernel", (None, "data")), (r".*", "replicate")]
+  layout = sharding.Layout(mesh, zero_stage=1, rules=rules)
+  params = {"head": {"kernel": jax.ShapeDtypeStruct((64, 10), np.float32),
+                     "bias": jax.ShapeDtypeStruct((10,), np.float32)},
+            "stem": {"kernel": jax.ShapeDtypeStruct((64, 64), np.float32)}}
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
+  opt_state = jax.eval_shape(tx.init, params)
+  specs = {sharding.path_string(path): s.spec for path, s in
+           jax.tree_util.tree_leaves_with_path(layout.opt_state(opt_state, params))}
+  moments = {p: spec for p, spec in specs.items() if p.endswith("head.kernel")}
+  assert sorted(moments) == ["1.0.mu.head.kernel", "1.0.nu.head.kernel"], sorted(specs)
+  assert set(moments.values()) == {P(None, "data")}
+  assert all(spec == P() for p, spec in specs.items() if p not in moments), specs
 
 
 if __name__ == "__main__":

@@ -67,6 +67,13 @@ def test_pretrain_finetune_eval_then_resume_and_eval_only(data_dir, tmp_path):
   assert saved["num_examples"] == 360 and saved["checkpoint"].endswith(os.path.join("finetune",
                                                                               "checkpoints", "8"))
   assert 0 <= saved["top1"] <= saved["top5"] <= 1 and saved == result
+  # Evaluation while fine-tuning (finetune.eval_every=3), logged as stage "eval".
+  evals = [r for r in records if r["stage"] == "eval"]
+  assert [r["step"] for r in evals] == [3, 6]
+  assert all(0 <= r["top1"] <= r["top5"] <= 1 for r in evals)
+  best = max([(r["top1"], r["step"]) for r in evals] + [(saved["top1"], 8)],
+             key=lambda p: (p[0], -p[1]))
+  assert (saved["best_top1"], saved["best_step"]) == best
   assert os.path.exists(os.path.join(workdir, "config.json"))
   assert os.listdir(os.path.join(workdir, "tensorboard"))
 
@@ -76,6 +83,7 @@ def test_pretrain_finetune_eval_then_resume_and_eval_only(data_dir, tmp_path):
   train.run(config, workdir)
   new = read_metrics(workdir)[len(records):]
   assert [r["step"] for r in new if r["stage"] == "finetune"] == [9, 10, 11, 12]
+  assert [r["step"] for r in new if r["stage"] == "eval"] == [9, 12]
   assert not [r for r in new if r["stage"] == "pretrain"]
 
   config.eval_only = True
@@ -105,6 +113,7 @@ def test_finetune_step_fits_a_fixed_batch(data_dir):
   rng = np.random.default_rng(0)
   batch = dict(image=rng.normal(size=(32, 32, 32, 3)).astype(np.float32),
                label=rng.integers(0, 10, 32).astype(np.int32))
+  batch = {k: v[None] for k, v in batch.items()}  # (accum_steps=1, batch, ...)
   state, key = trainer.init(), jax.random.key(0)
   losses = []
   for _ in range(10):
@@ -143,6 +152,58 @@ def test_non_finite_loss_stops_with_an_actionable_message(data_dir, tmp_path):
     train.run(config, str(tmp_path / "nan"))
 
 
+def test_skip_nonfinite_keeps_the_state_and_stops_after_k_in_a_row(data_dir, tmp_path):
+  config = tiny_config(data_dir)
+  config.finetune.skip_nonfinite = 2
+  task = trainer_lib.finetune_task(config, num_classes=10)
+  trainer = trainer_lib.make_trainer(config, task, trainer_lib.make_layout(config))
+  rng = np.random.default_rng(0)
+  good = dict(image=rng.normal(size=(1, 32, 32, 32, 3)).astype(np.float32),
+              label=rng.integers(0, 10, (1, 32)).astype(np.int32))
+  bad = dict(good, image=np.full_like(good["image"], np.nan))
+  state, key = trainer.init(), jax.random.key(0)
+  state, _ = trainer.step(state, good, key)
+  before = jax.tree.map(np.asarray, state)
+  state, metrics = trainer.step(state, bad, key)
+  assert int(metrics["skipped"]) == 1 and int(metrics["skipped_in_row"]) == 1
+  assert int(state["step"]) == 2  # the step (schedule, data) moves on
+  for part in ("params", "opt_state"):
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state[part]),
+                 before[part])
+  state, metrics = trainer.step(state, good, key)
+  assert int(metrics["skipped"]) == 0 and int(metrics["skipped_in_row"]) == 0
+
+  # In a run, K non-finite steps in a row stop it, naming the limit.
+  config.stages = ("pretrain",)
+  config.pretrain.base_lr, config.pretrain.clip_grad = 1e30, 0.0
+  config.pretrain.skip_nonfinite = 2
+  with pytest.raises(train.NonFiniteLossError, match=r"2 non-finite steps in a row.*"
+                     r"pretrain.skip_nonfinite=2"):
+    train.run(config, str(tmp_path / "skip"))
+  skipped = [r["skipped"] for r in read_metrics(str(tmp_path / "skip"))]
+  assert skipped and skipped[-1] == 1
+
+
+def test_batch_arithmetic_is_checked_before_anything_is_written(data_dir, tmp_path):
+  config = tiny_config(data_dir)
+  config.finetune.batch_size, config.finetune.accum_steps = 3, 2
+  with pytest.raises(config_lib.ConfigError) as error:
+    train.run(config, str(tmp_path / "refused"))
+  message = str(error.value)
+  assert message.startswith("config.finetune.batch_size: 3 is not finetune.accum_steps=2 x "
+                            "microbatch x 1 devices") and "\n" not in message
+  assert not os.path.exists(tmp_path / "refused")
+  with pytest.raises(config_lib.ConfigError, match=r"^config.eval.batch_size: 7 does not "
+                     r"divide over 2 devices"):
+    config = tiny_config(data_dir)
+    config.eval.batch_size = 7
+    config_lib.check_batches(config, 2)
+  with pytest.raises(config_lib.ConfigError, match=r"^config.pretrain.batch_size: 32 is not "
+                     r"pretrain.accum_steps=1 x microbatch x 3 devices"):
+    config_lib.check_batches(tiny_config(data_dir), 3)
+  config_lib.check_batches(tiny_config(data_dir), 8)  # 32 = 1 x 4 x 8, eval 64 = 8 x 8
+
+
 @pytest.mark.parametrize("key,value,message", [
     ("mesh.zero_stage", 5, "config.mesh.zero_stage: must be 0, 1, 2 or 3"),
     ("model.dtype", "int8", "config.model.dtype: one of"),
@@ -152,6 +213,12 @@ def test_non_finite_loss_stops_with_an_actionable_message(data_dir, tmp_path):
     ("finetune.warmup_steps", 10**6, "config.finetune.warmup_steps"),
     ("stages", ("finetune", "pretrain"), "config.stages"),
     ("model.name", "swinv3", "config.model.name: unknown model"),
+    ("finetune.accum_steps", 0, "config.finetune.accum_steps: must be a positive"),
+    ("pretrain.accum_steps", "max", "config.pretrain.accum_steps: must be a positive"),
+    ("finetune.skip_nonfinite", -1, "config.finetune.skip_nonfinite"),
+    ("finetune.eval_every", -5, "config.finetune.eval_every"),
+    ("plan.accelerator", "tpu9", "config.plan.accelerator: one of"),
+    ("plan.mfu", 1.5, "config.plan.mfu"),
 ])
 def test_bad_config_values_name_the_key(key, value, message):
   config = digits_config.get_config()

@@ -4,11 +4,15 @@ Each stage has its own CheckpointManager (async, keep-N). A checkpoint holds two
 `state` (restored through an abstract target that carries the current mesh's shardings, so a
 run may resume on another device count) and `data` (grain's iterator state, per process), so
 a resumed run neither repeats nor skips examples.
+
+`save_tree` / `load_tree` write and read a plain pytree: the one on-disk format of parameter
+directories (see `swinv2_jax.weights.export`).
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any, Mapping
 
 import grain
 import jax
@@ -55,8 +59,53 @@ def save_tree(directory: str, tree) -> None:
     ckptr.save(os.path.abspath(directory), tree, force=True)
 
 
+def _flatten_dict(tree, prefix=()) -> dict[tuple, Any]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      out.update(_flatten_dict(v, prefix + (str(k),)))
+    else:
+      out[prefix + (str(k),)] = v
+  return out
+
+
+def _check_fits(path: str, saved_tree, wanted_tree) -> None:
+  """Raises one ValueError naming every leaf that is missing, extra or of another shape."""
+  saved = {k: tuple(v.shape) for k, v in _flatten_dict(dict(saved_tree)).items()}
+  wanted = {k: tuple(v.shape) for k, v in _flatten_dict(wanted_tree).items()}
+  problems = []
+  missing = sorted(set(wanted) - set(saved))
+  extra = sorted(set(saved) - set(wanted))
+  if missing:
+    problems.append("not in the checkpoint: " + ", ".join(".".join(k) for k in missing))
+  if extra:
+    problems.append("not in the model: " + ", ".join(".".join(k) for k in extra))
+  for k in sorted(set(saved) & set(wanted)):
+    if saved[k] != wanted[k]:
+      problems.append(f"shape mismatch for {'.'.join(k)}: checkpoint {saved[k]} vs model "
+                      f"{wanted[k]}")
+  if problems:
+    raise ValueError(f"checkpoint {path} does not fit the model:\n  " + "\n  ".join(problems))
+
+
 def load_tree(directory: str, abstract_tree, shardings=None):
+  """Restores a `save_tree` directory onto `abstract_tree` (a nested dict of arrays or
+  ShapeDtypeStructs), placed on `shardings` when given, else on the default device.
+
+  The saved tree must have exactly the same names and shapes; otherwise a ValueError names
+  every mismatch. FileNotFoundError where `directory` holds no such checkpoint.
+  """
+  path = os.path.abspath(directory)
+  missing = FileNotFoundError(f"no orbax parameter checkpoint at {path}")
+  if not os.path.isdir(path):
+    raise missing
   target = abstract_tree if shardings is None else abstract_with_shardings(abstract_tree,
                                                                            shardings)
   with ocp.StandardCheckpointer() as ckptr:
-    return ckptr.restore(os.path.abspath(directory), target)
+    metadata = ckptr.metadata(path)
+    saved_tree = getattr(metadata, "item_metadata", metadata)
+    saved_tree = getattr(saved_tree, "tree", saved_tree)
+    if saved_tree is None:  # a directory, but no checkpoint in it: orbax only logs a warning
+      raise missing
+    _check_fits(path, saved_tree, abstract_tree)
+    return ckptr.restore(path, target)

@@ -17,11 +17,11 @@ from flax import nnx
 
 from swinv2_jax import checkpointing
 from swinv2_jax import config as config_lib
-from swinv2_jax import convert
 from swinv2_jax import data as data_lib
 from swinv2_jax import plan as plan_lib
 from swinv2_jax import sharding as sharding_lib
 from swinv2_jax import trainer as trainer_lib
+from swinv2_jax import weights
 
 Params = trainer_lib.Params
 
@@ -254,9 +254,9 @@ def load_eval_params(config, workdir: str, num_classes: int, layout):
   if path:
     model = trainer_lib.build_classifier(config, "eval", num_classes)
     if os.path.isdir(path):
-      convert.load_params(path, model)
+      weights.load_params(path, model)
     else:
-      convert.load_pytorch_weights(model, path)
+      weights.load_pytorch_weights(model, path)
     return trainer_lib.split_params(model)[1], None, path, None
   task = trainer_lib.finetune_task(config, num_classes)
   trainer = trainer_lib.make_trainer(config, task, layout, accum_steps=1)  # state shapes only
@@ -289,9 +289,9 @@ def finetune_init_params(config, workdir: str, num_classes: int, layout) -> Para
     return checkpointing.load_tree(encoder_dir, abstract, layout.params(abstract))
   model = trainer_lib.build_classifier(config, "finetune", num_classes)
   if os.path.isdir(init):
-    convert.load_params(init, model)
+    weights.load_params(init, model)
   else:
-    convert.load_pytorch_weights(model, init, drop_head=config.finetune.drop_head)
+    weights.load_pytorch_weights(model, init, drop_head=config.finetune.drop_head)
   return trainer_lib.split_params(model)[1]
 
 

@@ -1,4 +1,5 @@
-"""swinv2_jax.convert: layouts, error handling, SimMIM, safetensors/pth, orbax and the CLI.
+"""swinv2_jax.weights: layouts, error handling, SimMIM, the H/G extra norm, safetensors/pth,
+parameter directories and the CLI.
 
 Models are built abstractly (nnx.eval_shape) and filled from checkpoints, so no random init
 has to be compiled; the only forward pass is the tiny CLI model's.
@@ -16,31 +17,40 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from swinv2_jax import convert
+from swinv2_jax import checkpointing
+from swinv2_jax import weights
 from swinv2_jax.models import SwinTransformerV2
 
-from test_parity import config, state  # the shift_clamp fixture: 4 stages, all layouts
+from parity_fixtures import abstract_model, config, loaded, state
 
-NAME = "shift_clamp"
+NAME = "shift_clamp"  # 4 stages, all three layouts
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Tiny 2-stage model for the CLI (its forward compiles fast); built from a preset + overrides.
 CLI_PRESET = "swinv2_tiny_window8_256"
 CLI_OVERRIDES = dict(img_size=32, embed_dim=4, depths=[2, 1], num_heads=[1, 2], window_size=4,
                      num_classes=3, drop_path_rate=0.0)
+# H/G's extra LayerNorm every 6 blocks, on a small model: two groups of 6 blocks in stage 2.
+EXTRA_NORM_ARGS = dict(img_size=64, patch_size=4, window_size=4, embed_dim=16,
+                       depths=(2, 2, 12, 2), num_heads=(1, 2, 4, 8), num_classes=3,
+                       extra_norm_period=6, drop_path_rate=0.0)
 
 
 def abstract(**overrides):
-  kwargs = {**config(NAME), "drop_path_rate": 0.0, **overrides}
-  return nnx.eval_shape(lambda: SwinTransformerV2(**kwargs))
+  return abstract_model(config(NAME), **overrides)
+
+
+def randomized(model, seed=0):
+  """`model` (abstract or not) with every parameter drawn at random, in place."""
+  leaves, treedef = jax.tree.flatten(nnx.state(model, nnx.Param))
+  rng = np.random.default_rng(seed)
+  leaves = [jnp.asarray(rng.normal(0.0, 0.3, leaf.shape), jnp.float32) for leaf in leaves]
+  nnx.update(model, jax.tree.unflatten(treedef, leaves))
+  return model
 
 
 def params(model) -> dict:
   return {".".join(map(str, p)): np.asarray(v.get_value())
           for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-
-
-def loaded(layout="timm", **overrides):
-  return convert.load_pytorch_weights(abstract(**overrides), state(NAME, layout))
 
 
 def assert_same_params(a: dict, b: dict, skip=("head.",)):
@@ -63,16 +73,16 @@ class SimMIMStandIn(nnx.Module):
 
 
 def test_layout_detection():
-  assert convert.detect_layout(state(NAME, "timm")) == "timm"
-  assert convert.detect_layout(state(NAME, "official")) == "official"
-  assert convert.detect_layout(state(NAME, "simmim")) == "simmim"
+  assert weights.detect_layout(state(NAME, "timm")) == "timm"
+  assert weights.detect_layout(state(NAME, "official")) == "official"
+  assert weights.detect_layout(state(NAME, "simmim")) == "simmim"
 
 
 def test_all_layouts_give_the_same_parameters():
-  reference = params(loaded("timm"))
-  official = params(loaded("official"))
+  reference = params(loaded(NAME, "timm"))
+  official = params(loaded(NAME, "official"))
   assert_same_params(reference, official, skip=())
-  simmim = params(convert.load_pytorch_weights(abstract(num_classes=0),
+  simmim = params(weights.load_pytorch_weights(abstract(num_classes=0),
                                                {"model": state(NAME, "simmim")}))
   assert_same_params(reference, simmim)
   # Spot checks of the conventions: Linear (out,in)->(in,out), Conv OIHW->HWIO, scale.
@@ -87,27 +97,60 @@ def test_all_layouts_give_the_same_parameters():
 
 
 def test_export_round_trip():
-  model = loaded("timm")
+  model = loaded(NAME, "timm")
   for layout in ("official", "timm"):
-    exported = convert.to_pytorch_state_dict(model, layout)
-    expected = {k: v for k, v in state(NAME, layout).items() if not convert._is_buffer(k)}
+    exported = weights.to_pytorch_state_dict(model, layout)
+    expected = {k: v for k, v in state(NAME, layout).items() if not weights.is_buffer(k)}
     assert sorted(exported) == sorted(expected)
     for k in expected:
       np.testing.assert_array_equal(exported[k], expected[k], err_msg=k)
+
+
+def test_extra_norm_round_trip_and_names():
+  """H/G's extra LayerNorm (our `groups.extra_norm`, stacked over the groups) is timm
+  swinv2_cr's `norm3` of each group's last block, in both layouts, and is really read."""
+  build = lambda: nnx.eval_shape(lambda: SwinTransformerV2(**EXTRA_NORM_ARGS))
+  source = randomized(build())
+  ours = params(source)
+  extra_scale = ours["stages.2.groups.extra_norm.scale"]  # (2 groups, 64)
+  assert extra_scale.shape == (2, 64)
+  assert not any("extra_norm" in k for k in ours if not k.startswith("stages.2."))
+  for layout in ("official", "timm"):
+    exported = weights.to_pytorch_state_dict(source, layout)
+    # Stage 2 has 12 blocks in groups of 6: blocks 5 and 11 carry it; stages of 2 blocks none.
+    assert {k for k in exported if ".norm3." in k} == {
+        f"layers.2.blocks.{k}.norm3.{leaf}" for k in (5, 11) for leaf in ("weight", "bias")}
+    for g, k in enumerate((5, 11)):
+      np.testing.assert_array_equal(exported[f"layers.2.blocks.{k}.norm3.weight"], extra_scale[g])
+      np.testing.assert_array_equal(exported[f"layers.2.blocks.{k}.norm3.bias"],
+                                    ours["stages.2.groups.extra_norm.bias"][g])
+    assert weights.detect_layout(exported) == layout
+    assert_same_params(ours, params(weights.load_pytorch_weights(build(), exported)), skip=())
+
+  # A changed norm3 in the checkpoint changes exactly that group's parameter.
+  perturbed = dict(exported)
+  perturbed["layers.2.blocks.5.norm3.weight"] = exported["layers.2.blocks.5.norm3.weight"] + 1
+  got = params(weights.load_pytorch_weights(build(), perturbed))
+  np.testing.assert_array_equal(got["stages.2.groups.extra_norm.scale"][0], extra_scale[0] + 1)
+  np.testing.assert_array_equal(got["stages.2.groups.extra_norm.scale"][1], extra_scale[1])
+  # A checkpoint without it (official / timm SwinV2) does not load silently.
+  del perturbed["layers.2.blocks.11.norm3.bias"]
+  with pytest.raises(ValueError, match=r"missing.*layers\.2\.blocks\.11\.norm3\.bias"):
+    weights.load_pytorch_weights(build(), perturbed)
 
 
 def test_missing_key():
   ckpt = dict(state(NAME, "timm"))
   del ckpt["layers.2.blocks.1.attn.q_bias"]
   with pytest.raises(ValueError, match=r"missing.*layers\.2\.blocks\.1\.attn\.q_bias"):
-    convert.load_pytorch_weights(abstract(), ckpt)
+    weights.load_pytorch_weights(abstract(), ckpt)
 
 
 def test_unexpected_key():
   ckpt = dict(state(NAME, "timm"), **{"layers.0.blocks.0.attn.bogus": np.zeros(3),
                                       "absolute_pos_embed": np.zeros((1, 4, 4))})
   with pytest.raises(ValueError, match="unexpected") as info:
-    convert.load_pytorch_weights(abstract(), ckpt)
+    weights.load_pytorch_weights(abstract(), ckpt)
   assert "layers.0.blocks.0.attn.bogus" in str(info.value)
   assert "absolute_pos_embed" in str(info.value)
 
@@ -117,31 +160,31 @@ def test_wrong_shape():
   ckpt["layers.1.blocks.0.attn.qkv.weight"] = np.zeros((24, 7), np.float32)
   with pytest.raises(ValueError, match=r"layers\.1\.blocks\.0\.attn\.qkv\.weight.*\(24, 7\)"
                                        r".*\(8, 24\)"):
-    convert.load_pytorch_weights(abstract(), ckpt)
+    weights.load_pytorch_weights(abstract(), ckpt)
 
 
 def test_nothing_changes_when_loading_fails():
-  model = loaded("timm")
+  model = loaded(NAME, "timm")
   before = params(model)
   ckpt = dict(state(NAME, "timm"))
   ckpt["norm.weight"] = ckpt["norm.weight"] + 1
   del ckpt["norm.bias"]
   with pytest.raises(ValueError):
-    convert.load_pytorch_weights(model, ckpt)
+    weights.load_pytorch_weights(model, ckpt)
   assert_same_params(before, params(model), skip=())
 
 
 def test_wrong_head_size_suggests_drop_head():
   with pytest.raises(ValueError, match=r"10 classes.*num_classes=3.*drop_head=True"):
-    convert.load_pytorch_weights(abstract(num_classes=3), state(NAME, "timm"))
+    weights.load_pytorch_weights(abstract(num_classes=3), state(NAME, "timm"))
 
 
 def test_drop_head_keeps_the_models_head():
-  model = loaded("timm")  # a concrete model whose head we know
+  model = loaded(NAME, "timm")  # a concrete model whose head we know
   head = {k: v for k, v in params(model).items() if k.startswith("head.")}
   ckpt = {k: (v + 1 if k != "head.fc.weight" else v[:4]) for k, v in state(NAME, "timm").items()
-          if not convert._is_buffer(k)}
-  convert.load_pytorch_weights(model, ckpt, drop_head=True)
+          if not weights.is_buffer(k)}
+  weights.load_pytorch_weights(model, ckpt, drop_head=True)
   after = params(model)
   for k, v in head.items():
     np.testing.assert_array_equal(after[k], v)
@@ -150,23 +193,23 @@ def test_drop_head_keeps_the_models_head():
 
 def test_drop_head_on_an_abstract_model_is_refused():
   with pytest.raises(ValueError, match="abstract.*head"):
-    convert.load_pytorch_weights(abstract(), state(NAME, "timm"), drop_head=True)
+    weights.load_pytorch_weights(abstract(), state(NAME, "timm"), drop_head=True)
 
 
 def test_headless_model_and_a_head_in_the_checkpoint():
   with pytest.raises(ValueError, match="drop_head=True to discard"):
-    convert.load_pytorch_weights(abstract(num_classes=0), state(NAME, "timm"))
-  model = convert.load_pytorch_weights(abstract(num_classes=0), state(NAME, "timm"),
+    weights.load_pytorch_weights(abstract(num_classes=0), state(NAME, "timm"))
+  model = weights.load_pytorch_weights(abstract(num_classes=0), state(NAME, "timm"),
                                        drop_head=True)
-  assert_same_params(params(loaded("timm")), params(model))
+  assert_same_params(params(loaded(NAME, "timm")), params(model))
 
 
 def test_simmim_into_classifier(caplog):
   with pytest.raises(ValueError, match="no classifier head.*drop_head=True"):
-    convert.load_pytorch_weights(abstract(), {"model": state(NAME, "simmim")})
-  model = loaded("timm")
+    weights.load_pytorch_weights(abstract(), {"model": state(NAME, "simmim")})
+  model = loaded(NAME, "timm")
   caplog.set_level(logging.INFO)
-  convert.load_pytorch_weights(model, {"model": state(NAME, "simmim")}, drop_head=True)
+  weights.load_pytorch_weights(model, {"model": state(NAME, "simmim")}, drop_head=True)
   assert "mask_token" in caplog.text and "decoder.0.weight" in caplog.text
 
 
@@ -174,29 +217,29 @@ def test_simmim_into_simmim_module():
   kwargs = {**config(NAME), "drop_path_rate": 0.0}
   model = nnx.eval_shape(lambda: SimMIMStandIn(kwargs, nnx.Rngs(0)))
   ckpt = state(NAME, "simmim")
-  convert.load_pytorch_weights(model, {"model": ckpt})
+  weights.load_pytorch_weights(model, {"model": ckpt})
   got = params(model)
   np.testing.assert_array_equal(got["mask_token"], ckpt["encoder.mask_token"][None])
   np.testing.assert_array_equal(got["decoder.kernel"],
                                 ckpt["decoder.0.weight"].transpose(2, 3, 1, 0))
   np.testing.assert_array_equal(got["decoder.bias"], ckpt["decoder.0.bias"])
   encoder = {k[len("encoder."):]: v for k, v in got.items() if k.startswith("encoder.")}
-  assert_same_params(params(loaded("timm")), encoder)
-  exported = convert.to_pytorch_state_dict(model)
+  assert_same_params(params(loaded(NAME, "timm")), encoder)
+  exported = weights.to_pytorch_state_dict(model)
   expected = {k.replace("rpe_mlp", "cpb_mlp"): v for k, v in ckpt.items()
-              if not convert._is_buffer(k)}
+              if not weights.is_buffer(k)}
   assert sorted(exported) == sorted(expected)
   # A classifier checkpoint lacks mask_token and decoder.
   with pytest.raises(ValueError, match="missing.*mask_token"):
-    convert.load_pytorch_weights(model, state(NAME, "official"), drop_head=True)
+    weights.load_pytorch_weights(model, state(NAME, "official"), drop_head=True)
 
 
 def test_safetensors_round_trip(tmp_path):
   from safetensors.numpy import save_file
   path = str(tmp_path / "weights.safetensors")
   save_file({k: np.ascontiguousarray(v) for k, v in state(NAME, "official").items()}, path)
-  assert_same_params(params(loaded("timm")),
-                     params(convert.load_pytorch_weights(abstract(), path)), skip=())
+  assert_same_params(params(loaded(NAME, "timm")),
+                     params(weights.load_pytorch_weights(abstract(), path)), skip=())
 
 
 def test_pth(tmp_path):
@@ -204,8 +247,8 @@ def test_pth(tmp_path):
   path = str(tmp_path / "weights.pth")
   torch.save({"model": {k: torch.from_numpy(np.array(v)) for k, v in
                         state(NAME, "simmim").items()}, "epoch": 3}, path)
-  model = convert.load_pytorch_weights(abstract(num_classes=0), path)
-  assert_same_params(params(loaded("timm")), params(model))
+  model = weights.load_pytorch_weights(abstract(num_classes=0), path)
+  assert_same_params(params(loaded(NAME, "timm")), params(model))
 
 
 def test_pth_without_torch_says_safetensors_needs_none(tmp_path, monkeypatch):
@@ -213,7 +256,29 @@ def test_pth_without_torch_says_safetensors_needs_none(tmp_path, monkeypatch):
   path.write_bytes(b"")
   monkeypatch.setitem(sys.modules, "torch", None)
   with pytest.raises(ImportError, match="safetensors"):
-    convert.load_pytorch_weights(abstract(), str(path))
+    weights.load_pytorch_weights(abstract(), str(path))
+
+
+def test_converted_and_pretrain_encoder_directories_share_one_format(tmp_path):
+  """The converter's output and train.py's `pretrain/encoder` (`checkpointing.save_tree` of
+  the pure parameter dict) are read by the same code, either way round."""
+  model = loaded(NAME, "timm")
+  encoder_dir = str(tmp_path / "encoder")
+  checkpointing.save_tree(encoder_dir, nnx.to_pure_dict(nnx.state(model)))  # as train.py
+  restored = weights.load_params(encoder_dir, abstract())
+  assert_same_params(params(model), params(restored), skip=())
+
+  converted_dir = weights.save_params(str(tmp_path / "converted"), model, {"model": "x"})
+  assert converted_dir == str(tmp_path / "converted")
+  assert weights.load_model_config(converted_dir) == {"model": "x"}
+  tree = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  abstract_tree = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+  loaded_tree = checkpointing.load_tree(converted_dir, abstract_tree)  # as train.py
+  for want, got in zip(jax.tree.leaves(tree), jax.tree.leaves(loaded_tree)):
+    np.testing.assert_array_equal(np.asarray(want), np.asarray(got))
+  for not_a_checkpoint in (tmp_path / "absent", tmp_path):
+    with pytest.raises(FileNotFoundError, match="no orbax parameter checkpoint"):
+      weights.load_params(str(not_a_checkpoint), abstract())
 
 
 @nnx.jit
@@ -225,19 +290,14 @@ def test_cli_end_to_end(tmp_path):
   from safetensors.numpy import save_file
   from swinv2_jax import models
   # A random tiny model, exported in timm layout.
-  source = nnx.eval_shape(lambda: models.create(CLI_PRESET, **CLI_OVERRIDES))
-  state_ = nnx.state(source, nnx.Param)
-  leaves, treedef = jax.tree.flatten(state_)
-  rng = np.random.default_rng(0)
-  leaves = [jnp.asarray(rng.normal(0.0, 0.3, leaf.shape), jnp.float32) for leaf in leaves]
-  nnx.update(source, jax.tree.unflatten(treedef, leaves))
+  source = randomized(nnx.eval_shape(lambda: models.create(CLI_PRESET, **CLI_OVERRIDES)))
   ckpt = str(tmp_path / "tiny.safetensors")
-  save_file(convert.to_pytorch_state_dict(source, "timm"), ckpt)
+  save_file(weights.to_pytorch_state_dict(source, "timm"), ckpt)
 
   out = tmp_path / "converted"
   overrides = {k: v for k, v in CLI_OVERRIDES.items() if k not in ("num_classes", "img_size")}
   result = subprocess.run(
-      [sys.executable, "-m", "swinv2_jax.convert", f"--checkpoint={ckpt}",
+      [sys.executable, "-m", "swinv2_jax.weights", f"--checkpoint={ckpt}",
        f"--model={CLI_PRESET}", f"--output={out}", "--num_classes=3", "--img_size=32",
        f"--overrides={json.dumps(overrides)}"],
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
@@ -246,7 +306,7 @@ def test_cli_end_to_end(tmp_path):
   assert "parameters:" in result.stdout
   assert json.loads((out / "model.json").read_text())["model"] == CLI_PRESET
 
-  restored = convert.restore_model(str(out))
+  restored = weights.restore_model(str(out))
   assert_same_params(params(source), params(restored), skip=())
   x = np.random.default_rng(1).normal(size=(2, 32, 32, 3)).astype(np.float32)
   source.eval()
@@ -258,4 +318,4 @@ def test_cli_end_to_end(tmp_path):
   other = nnx.eval_shape(lambda: models.create(CLI_PRESET, **{**CLI_OVERRIDES,
                                                                "num_classes": 5}))
   with pytest.raises(ValueError, match=r"head\.bias.*\(3,\).*\(5,\)"):
-    convert.load_params(str(out), other)
+    weights.load_params(str(out), other)

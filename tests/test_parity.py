@@ -6,53 +6,24 @@ and the reference logits / pooled features / per-stage maps computed in float64.
 """
 
 import functools
-import glob
-import json
-import os
 
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
-from swinv2_jax.convert import load_pytorch_weights
+from swinv2_jax import weights
 from swinv2_jax.models import SwinTransformerV2
 from swinv2_jax.models import windows as win
 
-FIXTURE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
-FIXTURES = sorted(os.path.basename(p)[len("swinv2_"):-len(".npz")]
-                  for p in glob.glob(os.path.join(FIXTURE_DIR, "swinv2_*.npz")))
+from parity_fixtures import FIXTURES, abstract_model, config, fixture, layouts, loaded, state
+
 LOGIT_TOL = 1e-4  # max |logit difference| in float32
 # The random fixtures are ill-conditioned on purpose (4-channel LayerNorms with random scales,
 # logit scales up to the clamp at 100): torch's own float32 forward differs from its float64
 # one by up to 1.1e-4 on the pooled features and 9e-5 (relative) on the stage maps.
 POOLED_TOL = 5e-4
 FEATURE_RTOL = 3e-4  # per-stage maps: max |difference| relative to the map's max |value|
-
-
-@functools.lru_cache(maxsize=None)
-def fixture(name: str) -> dict:
-  with np.load(os.path.join(FIXTURE_DIR, f"swinv2_{name}.npz")) as f:
-    return {k: f[k] for k in f.files}
-
-
-def config(name: str) -> dict:
-  return json.loads(str(fixture(name)["config"]))
-
-
-def state(name: str, layout: str) -> dict:
-  prefix = f"state_{layout}/"
-  return {k[len(prefix):]: v for k, v in fixture(name).items() if k.startswith(prefix)}
-
-
-def layouts(name: str) -> list[str]:
-  return sorted({k.split("/")[0][len("state_"):] for k in fixture(name) if k.startswith("state_")})
-
-
-def abstract_model(cfg: dict, **overrides) -> SwinTransformerV2:
-  """No random init (slow to compile): every parameter comes from the checkpoint."""
-  kwargs = {**cfg, "drop_path_rate": 0.0, **overrides}
-  return nnx.eval_shape(lambda: SwinTransformerV2(**kwargs))
 
 
 @nnx.jit
@@ -63,16 +34,6 @@ def run(model, x):
   return model(x), pooled, maps
 
 
-def loaded(name: str, layout: str = "timm", **overrides):
-  model = abstract_model(config(name), **overrides)
-  source = state(name, layout)
-  if layout == "simmim":
-    source = {"model": source}  # official SimMIM checkpoints wrap the state dict so
-  load_pytorch_weights(model, source, drop_head=layout == "simmim")
-  model.eval()
-  return model
-
-
 @functools.lru_cache(maxsize=None)
 def outputs(name: str, layout: str = "timm"):
   """Our float32 outputs for a fixture; models from a SimMIM state get the timm-loaded head
@@ -80,7 +41,7 @@ def outputs(name: str, layout: str = "timm"):
   with jax.default_matmul_precision("highest"):
     if layout == "simmim":
       model = loaded(name, "timm")
-      load_pytorch_weights(model, {"model": state(name, "simmim")}, drop_head=True)
+      weights.load_pytorch_weights(model, {"model": state(name, "simmim")}, drop_head=True)
     else:
       model = loaded(name, layout)
     logits, pooled, maps = run(model, fixture(name)["input_nhwc"])

@@ -1,0 +1,115 @@
+"""Reading a checkpoint file into a flat state dict {name: np.ndarray}; nothing Swin-specific.
+
+`.safetensors` needs no torch (bfloat16 included); `.pth`/`.pt`/`.bin`/`.ckpt` needs torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import Any, Mapping
+
+import numpy as np
+from absl import logging
+
+# Containers that training checkpoints put the state dict in, next to `optimizer` etc.
+_WRAPPER_KEYS = ("model", "state_dict", "module")
+
+
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  try:
+    return load_file(path)
+  except KeyError:
+    # safetensors.numpy knows no bfloat16 (numpy has none): parse the file ourselves.
+    return _read_safetensors_raw(path)
+
+
+def _read_safetensors_raw(path: str) -> dict[str, np.ndarray]:
+  import ml_dtypes  # pylint: disable=g-import-not-at-top
+  dtypes = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
+            "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32, "I16": np.int16,
+            "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+  with open(path, "rb") as f:
+    (header_len,) = struct.unpack("<Q", f.read(8))
+    header = json.loads(f.read(header_len))
+    data = f.read()
+  out = {}
+  for name, info in header.items():
+    if name == "__metadata__":
+      continue
+    if info["dtype"] not in dtypes:
+      raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+    start, end = info["data_offsets"]
+    array = np.frombuffer(data[start:end], dtype=dtypes[info["dtype"]])
+    out[name] = array.reshape(info["shape"])
+  return out
+
+
+def _read_torch(path: str, trust_pickle: bool) -> Mapping[str, Any]:
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(
+        f"reading {path} needs PyTorch (`pip install torch`), which this project does not "
+        "require. Convert it to .safetensors once (needs no torch to load), or pass a dict "
+        "of numpy arrays.") from e
+  try:
+    return torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # pickle.UnpicklingError and friends: non-tensor objects inside
+    if not trust_pickle:
+      raise ValueError(
+          f"{path} holds more than tensors (e.g. a training config object), which "
+          "torch.load(weights_only=True) refuses. If you trust the file, pass "
+          f"trust_pickle=True (CLI: --trust_pickle). Underlying error: {e}") from e
+    logging.warning("Loading %s with weights_only=False (trusted pickle).", path)
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _to_numpy(value) -> np.ndarray:
+  if hasattr(value, "detach"):  # a torch tensor: float() also handles bfloat16
+    value = value.detach().cpu()
+    if value.is_floating_point():
+      value = value.float()
+    return value.numpy()
+  return np.asarray(value)
+
+
+def read_state_dict(source, *, trust_pickle: bool = False) -> dict[str, np.ndarray]:
+  """A flat {name: np.ndarray} from a .pth/.pt/.safetensors path or a mapping.
+
+  A top-level `model` / `state_dict` / `module` wrapper (as in official training checkpoints,
+  next to `optimizer` etc.) is unwrapped; a DDP `module.` prefix on every key is stripped.
+  `trust_pickle` allows `torch.load(weights_only=False)`, for .pth files you trust that hold
+  non-tensor objects.
+  """
+  if isinstance(source, (str, os.PathLike)):
+    path = os.fspath(source)
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.endswith(".safetensors"):
+      raw: Mapping[str, Any] = _read_safetensors(path)
+    elif path.endswith((".pth", ".pt", ".bin", ".ckpt")):
+      raw = _read_torch(path, trust_pickle)
+    else:
+      raise ValueError(f"unknown checkpoint format {path!r}: expected .safetensors, .pth or .pt")
+  elif isinstance(source, Mapping):
+    raw = source
+  else:
+    raise TypeError(f"source must be a path or a mapping name -> array, got {type(source)}")
+  while True:
+    wrapper = next((k for k in _WRAPPER_KEYS
+                    if k in raw and isinstance(raw[k], Mapping)), None)
+    if wrapper is None:
+      break
+    raw = raw[wrapper]
+  state = {}
+  for name, value in raw.items():
+    if isinstance(value, Mapping):
+      raise ValueError(f"checkpoint entry {name!r} is a nested mapping, not a tensor; "
+                       "expected a flat state dict")
+    state[str(name)] = _to_numpy(value)
+  if state and all(k.startswith("module.") for k in state):
+    state = {k[len("module."):]: v for k, v in state.items()}
+  return state

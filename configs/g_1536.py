@@ -1,6 +1,7 @@
 """SwinV2-G: SimMIM pretraining at 192/w12, fine-tuning at 1536 with windows (32,32,32,24).
 
-The recipe is the paper's for G (REFERENCE.md, "SimMIM", G recipe; appendix of Liu et al.):
+The recipe is the paper's for G (appendix A2.2 of Liu et al.; docs/design.md, "The recipes and
+their sources"):
   pretrain: SimMIM 192/w12, global batch 9216, lr 1.4e-3 at that batch (the config's base_lr
             is per 512 images, so 1.4e-3 * 512 / 9216), 30k warmup steps, wd 0.1, clip 100.
             The paper's 70M-image set is not public: data is imagenet2012-style here.
@@ -39,9 +40,10 @@ def get_config(arg: str = ""):
   p.log_every, p.checkpoint_every = 100, 2000
 
   f = c.finetune
-  # Stage 4 (48x48) takes four 24x24 windows (REFERENCE.md, "Window grids at high resolution"):
-  # one 48x48 window of 128 heads needs 2.5 GiB per attention-sized buffer and cannot be split
-  # by sequential attention; with it G-1536 needs 47 GiB per device (docs/memory_plan.md).
+  # Stage 4 (48x48) takes four 24x24 windows (docs/design.md, "The window grids at high
+  # resolution"): one 48x48 window of 128 heads needs 2.5 GiB per attention-sized buffer and
+  # cannot be split by sequential attention; with it G-1536 needs 47 GiB per device
+  # (docs/memory_plan.md).
   f.img_size, f.window_size, f.pretrained_window_sizes = 1536, (32, 32, 32, 24), (12, 12, 12, 6)
   f.batch_size, f.steps, f.warmup_steps = 576, 20_000, 2_000
   f.base_lr, f.warmup_lr, f.min_lr = 2.1e-5 * 512 / 576, 2e-8, 2e-7

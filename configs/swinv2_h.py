@@ -1,8 +1,9 @@
 """SwinV2-H (C=352, depths 2,2,18,2, heads of dim 32, extra norm every 6 blocks; paper 3.6):
 SimMIM 192/w12 -> ImageNet-1K fine-tune at 640/w40 (the paper's H/G fine-tune resolution).
 
-The paper gives no H recipe; this one is G's (REFERENCE.md, "G recipe") at H's size: SimMIM
-with wd 0.1 and clip 100, supervised fine-tune with layer decay 0.87 and drop path 0.3.
+The paper gives no H recipe; this one is G's (paper A2.2; docs/design.md, "The recipes and
+their sources") at H's size: SimMIM with wd 0.1 and clip 100, supervised fine-tune with layer
+decay 0.87 and drop path 0.3.
 Memory: bf16, ZeRO-3, full remat, sequential attention in the first two stages (as G).
 
   python -m swinv2_jax.main --config=configs/swinv2_h.py --workdir=DIR

@@ -1,5 +1,6 @@
 """AdamW with layer-wise lr decay, the warmup + cosine schedule, and the weight-decay exemptions
-of the official Swin / SimMIM recipes (REFERENCE.md, "SimMIM")."""
+of the official Swin / SimMIM recipes (docs/design.md, "The recipes and their sources";
+official `optimizer.py` and `lr_scheduler.py`)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The official SwinV2 SimMIM recipes as config builders (REFERENCE.md, "SimMIM").
+"""The official SwinV2 SimMIM recipes as config builders (docs/design.md, "The recipes and their
+sources"; official `configs/simmim/simmim_{pretrain,finetune}__swinv2_base__*.yaml`).
 
 SimMIM pretraining at 192/w12 (800 epochs, AdamW 1e-4 per 512 images, 10 warmup epochs,
 clip 5, target normalisation 47), then ImageNet-1K fine-tuning at 224/w14 or 256/w16 with the

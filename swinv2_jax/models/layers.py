@@ -1,4 +1,5 @@
-"""Swin V2 building blocks as Flax NNX modules (REFERENCE.md, "Backbone" and "Window attention").
+"""Swin V2 building blocks as Flax NNX modules (docs/design.md, "The architecture as implemented";
+paper sections 3.2-3.3; official `models/swin_transformer_v2.py`).
 
 Tensors are NHWC. Parameters are float32; matmuls run in the module's compute `dtype`;
 norms, the attention softmax and the cosine-similarity logits are computed in float32.
@@ -20,10 +21,29 @@ Dtype = Any
 Pair = win.Pair
 
 # Dense layers: trunc_normal(0.02) kernels and zero biases, as the official `_init_weights`.
-dense_init = nnx.initializers.truncated_normal(stddev=0.02)
+# timm's trunc_normal_(std=.02), which the official _init_weights calls, cuts at +-2 absolute,
+# i.e. +-100 sigma: in effect an untruncated normal of std 0.02 (flax's default cut, +-2 sigma,
+# would give std 0.0176).
+dense_init = nnx.initializers.truncated_normal(stddev=0.02, lower=-100.0, upper=100.0)
 # logit_scale is clamped at log(1/0.01) with a Python float (a tensor clamp broke graph compilers).
 MAX_LOGIT_SCALE = math.log(1.0 / 0.01)
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm default, for parity with the official weights
+# Conv kernels: torch.nn.Conv2d's default, kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)).
+conv_kernel_init = jax.nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def conv(din: int, dout: int, patch: int, *, dtype: Dtype, rngs: nnx.Rngs):
+  """A patch x patch conv with stride patch, initialised as a default torch.nn.Conv2d (kernel
+  and bias U(+-1/sqrt(fan_in))): the official `_init_weights` re-initialises only Linear and
+  LayerNorm, so its PatchEmbed and SimMIM decoder convs keep torch's default."""
+  bound = 1.0 / math.sqrt(din * patch * patch)
+
+  def bias_init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return nnx.Conv(din, dout, kernel_size=(patch, patch), strides=(patch, patch), padding="VALID",
+                  kernel_init=conv_kernel_init, bias_init=bias_init, dtype=dtype,
+                  param_dtype=jnp.float32, rngs=rngs)
 
 
 def dense(din: int, dout: int, *, use_bias: bool = True, dtype: Dtype, rngs: nnx.Rngs):
@@ -66,10 +86,8 @@ class PatchEmbed(nnx.Module):
 
   def __init__(self, patch_size: int, in_chans: int, embed_dim: int, *, dtype: Dtype,
                rngs: nnx.Rngs):
-    # Conv weights use the torch default (kaiming-uniform-like); only Linear gets trunc_normal.
-    self.proj = nnx.Conv(in_chans, embed_dim, kernel_size=(patch_size, patch_size),
-                         strides=(patch_size, patch_size), padding="VALID", dtype=dtype,
-                         param_dtype=jnp.float32, rngs=rngs)
+    # torch's default Conv2d init, as the official PatchEmbed.proj (models/swin_transformer_v2.py).
+    self.proj = conv(in_chans, embed_dim, patch_size, dtype=dtype, rngs=rngs)
     self.norm = LayerNorm(embed_dim, dtype=dtype)
 
   def __call__(self, x):

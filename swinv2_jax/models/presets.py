@@ -1,7 +1,8 @@
 """Named Swin V2 variants, named as timm names them, plus H and G from the paper.
 
-Sizes (REFERENCE.md, "Model sizes"): T/S/B/L as the official configs; H (C=352) and G (C=512)
-from paper section 3.6 / table 1, with head dim 32 and the extra norm every 6 blocks.
+Sizes (docs/design.md, "Model sizes"): T/S/B/L as the official `configs/swinv2/`; H (C=352)
+and G (C=512) from paper section 3.6, with head dim 32 and the extra norm every 6
+blocks.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "swinv2_giant_window40_640": dict(_GIANT, img_size=640, window_size=40,
                                       pretrained_window_sizes=_FROM_W12),
     # 1536 / w32 (the paper's COCO resolution): stage 4 is 48x48, not a multiple of 32, so it
-    # takes four 24x24 windows (REFERENCE.md, "Window grids at high resolution"); one 48x48
+    # takes four 24x24 windows (docs/design.md, "The window grids at high resolution"); one 48x48
     # window would need 47 GiB per device on 8 devices instead of 32 (docs/memory_plan.md).
     "swinv2_giant_window32_1536": dict(_GIANT, img_size=1536, window_size=(32, 32, 32, 24),
                                        pretrained_window_sizes=_FROM_W12),

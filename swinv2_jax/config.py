@@ -19,7 +19,8 @@ TRAINING_STAGES = ("pretrain", "finetune")
 # Dense bf16 peak TFLOP/s per device (vendor figures), for the plan's wall-time estimate.
 ACCELERATORS = {"a100-40g": 312.0, "a100-80g": 312.0, "h100": 989.0, "h200": 989.0,
                 "v4": 275.0, "v5e": 197.0, "v5p": 459.0, "v6e": 918.0}
-DTYPES = ("float32", "bfloat16", "float16")
+# float16 is left out: it needs loss scaling, which this codebase does not do.
+DTYPES = ("float32", "bfloat16")
 
 
 def _train_stage(**overrides) -> ml_collections.ConfigDict:
@@ -181,6 +182,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.model.name not in models.PRESETS:
     _fail("model.name", f"unknown model {config.model.name!r}; known: "
           f"{', '.join(models.list_models())}")
+  if config.model.dtype == "float16":
+    _fail("model.dtype", "'float16' needs loss scaling, which this codebase does not do (Swin V2 "
+          "attention overflows in fp16); use 'bfloat16'")
   if config.model.dtype not in DTYPES:
     _fail("model.dtype", f"one of {DTYPES}, got {config.model.dtype!r}")
   num_stages = len(config.model.depths or models.PRESETS[config.model.name]["depths"])
@@ -254,12 +258,13 @@ def to_pair(size) -> tuple[int, int]:
 
 
 def resolve_accum_steps(config, stage: str, accum_steps: int | None = None) -> int:
-  """The accumulation of a training stage: its config value, or `accum_steps` for 'auto'."""
+  """The accumulation of a training stage: `accum_steps` when given (the memory plan resolves
+  'auto' so), else the config's value."""
+  if accum_steps is not None:
+    return int(accum_steps)
   value = config[stage].accum_steps
   if value == "auto":
-    if accum_steps is None:
-      raise ConfigError(f"config.{stage}.accum_steps: 'auto' is resolved by the memory plan")
-    return accum_steps
+    raise ConfigError(f"config.{stage}.accum_steps: 'auto' is resolved by the memory plan")
   return int(value)
 
 

@@ -1,4 +1,5 @@
-"""SimMIM masked-image-modelling pretraining for Swin V2 (REFERENCE.md, "SimMIM").
+"""SimMIM masked-image-modelling pretraining for Swin V2 (docs/design.md, "The recipes and
+their sources"; official `models/simmim.py` and `data/data_simmim_pt.py`).
 
 The encoder is a SwinTransformerV2 without head; masked tokens are replaced by a learnt mask
 token after the patch embedding; a 1x1 conv + pixel shuffle decodes the last stage back to
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from swinv2_jax.models import layers
@@ -27,8 +29,9 @@ class SimMIM(nnx.Module):
     embed_dim = encoder.patch_embed.norm.scale.shape[-1]
     self.stride = encoder.patch_size * 2**(len(encoder.stages) - 1)
     self.mask_token = nnx.Param(layers.dense_init(rngs.params(), (1, 1, 1, embed_dim)))
-    self.decoder = nnx.Conv(encoder.num_features, self.stride**2 * 3, kernel_size=(1, 1),
-                            dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs)
+    # A 1x1 conv with torch's default Conv2d init, as the official `SimMIM.decoder`.
+    self.decoder = layers.conv(encoder.num_features, self.stride**2 * 3, 1, dtype=jnp.float32,
+                               rngs=rngs)
 
   def __call__(self, images, token_mask, *, rng=None):
     """Reconstructed images (B, H, W, 3) in float32 from images with masked tokens."""
@@ -46,20 +49,38 @@ def pixel_shuffle(x, r: int):
   return x.reshape(b, h * r, w * r, out_c)
 
 
+def _valid_counts(size: int, window: int) -> np.ndarray:
+  """Pixels of a centred window that fall inside an axis of `size` (the padding not counted)."""
+  index = np.arange(size)
+  half = window // 2
+  return (np.minimum(index + half, size - 1) - np.maximum(index - half, 0) + 1).astype(np.float32)
+
+
 def normalize_targets(images, window: int = 47):
   """Per-pixel normalisation by the mean and unbiased variance of a window x window
-  neighbourhood (stride 1, padding not counted), as the official SwinV2 SimMIM configs."""
+  neighbourhood (stride 1, padding not counted), as the official SwinV2 SimMIM configs.
+
+  The window sum is separable: one pass along H, one along W (2 x 47 adds per pixel, not
+  47^2); the count of valid pixels is the outer product of the per-axis counts, built from
+  O(H + W) numbers rather than folded from a reduce-window of ones by the compiler.
+  """
   if window % 2 != 1:
     raise ValueError(f"the target normalisation window must be odd, got {window}")
   pad = window // 2
-  dims, strides = (1, window, window, 1), (1, 1, 1, 1)
-  padding = ((0, 0), (pad, pad), (pad, pad), (0, 0))
 
   def window_sum(v):
-    return jax.lax.reduce_window(v, 0.0, jax.lax.add, dims, strides, padding)
+    for axis in (1, 2):
+      dims = [1, 1, 1, 1]
+      dims[axis] = window
+      padding = [(0, 0)] * 4
+      padding[axis] = (pad, pad)
+      v = jax.lax.reduce_window(v, 0.0, jax.lax.add, dims, (1, 1, 1, 1), padding)
+    return v
 
   x = images.astype(jnp.float32)
-  count = window_sum(jnp.ones_like(x[..., :1]))
+  _, h, w, _ = x.shape
+  count = (jnp.asarray(_valid_counts(h, window))[:, None]
+           * jnp.asarray(_valid_counts(w, window))[None, :])[None, :, :, None]
   mean = window_sum(x) / count
   var = (window_sum(x * x) / count - mean**2) * (count / (count - 1))
   return (x - mean) / jnp.sqrt(jnp.maximum(var, 0.0) + 1e-6)

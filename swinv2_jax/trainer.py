@@ -125,7 +125,7 @@ def make_trainer(config, task: Task, layout: sharding_lib.Layout,
                  accum_steps: int | None = None) -> Trainer:
   """The sharded train state and the jitted step of a stage.
 
-  `accum_steps` resolves `<stage>.accum_steps='auto'` (the memory plan picks it).
+  `accum_steps` overrides `<stage>.accum_steps` (the memory plan resolves 'auto' so).
   """
   s = task.stage_cfg
   accum = config_lib.resolve_accum_steps(config, task.name, accum_steps)

@@ -1,14 +1,16 @@
 """Two processes x two fake CPU devices on 127.0.0.1 run the main job like one 4-device process.
 
 The pair is started by launch/local_multiprocess.sh (jax.distributed on localhost, each
-process reading its own share of the digits train split). This file, run as a script in one
-process with 4 devices, is the reference: the same model and optimizer fed the same global
-batches (both processes' shares, concatenated in process order), then the pair's last
-checkpoint restored onto its 4 devices and evaluated through the eval-only path.
+process reading its own share of the digits train split) and runs every stage: SimMIM
+pretraining, fine-tuning from the pretrained encoder, evaluation. This file, run as a script in
+one process with 4 devices, is the reference: the same models and optimizers fed the same
+global batches (both processes' shares, concatenated in process order; the SimMIM masks are
+drawn per example from (seed, process, position), so both see the same masks), then the pair's
+saved encoder and last checkpoint restored onto its 4 devices and evaluated through the
+eval-only path.
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import signal
@@ -18,30 +20,29 @@ import sys
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LAUNCHER = os.path.join(REPO, "launch", "local_multiprocess.sh")
+from helpers import ROOT, load_config  # tests/ is on sys.path, as a script too
+
+LAUNCHER = os.path.join(ROOT, "launch", "local_multiprocess.sh")
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 NUM_PROCESSES, DEVICES_PER_PROCESS = 2, 2
 
 # Overrides of configs/digits.py:tiny, given to the pair on the command line and applied to
-# the reference's config: a one-stage model, fine-tuning from scratch then evaluation, a loss
-# logged every step and one checkpoint at the end. lr 1e-2 from the first step moves the
-# parameters ~1e-2, so a 1e-5 agreement means something.
+# the reference's config: a one-stage model, SimMIM pretraining, fine-tuning from its encoder,
+# evaluation; a loss logged every step and one checkpoint at the end of each training stage.
+# lr 1e-2 from the first step moves the parameters ~1e-2, so a 1e-5 agreement means something.
 OVERRIDES = {
     "model.embed_dim": 16, "model.depths": (2,), "model.num_heads": (1,),
-    "stages": ("finetune", "eval"),
-    "finetune.init": "scratch", "finetune.pretrained_window_sizes": 4,
+    "stages": ("pretrain", "finetune", "eval"),
+    "pretrain.steps": 4, "pretrain.warmup_steps": 0, "pretrain.base_lr": 0.32,
+    "pretrain.log_every": 1, "pretrain.checkpoint_every": 4,
+    "finetune.init": "pretrain", "finetune.pretrained_window_sizes": 4,
     "finetune.steps": 4, "finetune.warmup_steps": 0, "finetune.base_lr": 0.32,
     "finetune.log_every": 1, "finetune.checkpoint_every": 4,
 }
 
 
 def digits_tiny_config(data_dir: str):
-  spec = importlib.util.spec_from_file_location("digits_config",
-                                                os.path.join(REPO, "configs", "digits.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("tiny")
+  config = load_config("digits.py", "tiny")
   config.update_from_flattened_dict(dict(OVERRIDES, **{"data.data_dir": data_dir}))
   return config
 
@@ -54,43 +55,71 @@ def _flat(tree) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # Reference: one process, 4 devices (run as a script).
 # ---------------------------------------------------------------------------------------------
+def _train(config, trainer, plan, shares, state):
+  """`steps` updates of a trainer on the global batches made of both processes' shares, in
+  process order (the mesh lists process 0's devices first), as the pair's job runs them."""
+  import jax
+  from swinv2_jax import sharding
+  from swinv2_jax import trainer as trainer_lib
+  rng = jax.jit(lambda: jax.random.key(config.seed + 1), out_shardings=plan.replicated())()
+  step = trainer_lib.compile_step(trainer, trainer_lib.trainer_batch(config, trainer))
+  losses = []
+  for _ in range(trainer.task.stage_cfg.steps):
+    parts = [next(it) for it in shares]
+    local = {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
+    state, metrics = step(state, sharding.global_microbatches(local, plan, trainer.accum_steps),
+                          rng)
+    losses.append(float(metrics["loss"]))
+  return state, np.array(losses)
+
+
 def _reference(data_dir: str, workdir: str, out: str):
   import jax
   from swinv2_jax import data as data_lib
-  from swinv2_jax import sharding
   from swinv2_jax import train
   from swinv2_jax import trainer as trainer_lib
 
   assert jax.process_count() == 1 and jax.device_count() == 4, jax.devices()
   config = digits_tiny_config(data_dir)
   num_classes = data_lib.dataset_info(config.data).num_classes
-  s = config.finetune
   plan = trainer_lib.make_layout(config)
+  shares = lambda kind, s, **kw: [data_lib.build_train_iterator(
+      config.data, kind=kind, image_size=s.img_size, global_batch_size=s.batch_size,
+      seed=config.seed, process_index=p, process_count=NUM_PROCESSES, **kw)
+                                  for p in range(NUM_PROCESSES)]
+  results = {}
+
+  # SimMIM pretraining, each process's share with its own masks.
+  p = config.pretrain
+  mask_cfg = dict(mask_patch_size=p.mask_patch_size, model_patch_size=config.model.patch_size,
+                  mask_ratio=p.mask_ratio)
+  trainer = trainer_lib.make_trainer(config, trainer_lib.simmim_task(config), plan)
+  state = trainer.init()
+  results["pre_initial"] = _flat(state["params"])
+  state, results["pre_loss"] = _train(config, trainer, plan,
+                                      shares("simmim", p, mask_cfg=mask_cfg), state)
+  encoder = state["params"]["encoder"]
+  results["pre_params"] = _flat(state["params"])
+  results["encoder"] = _flat(encoder)
+  # The encoder the pair saved, loaded as the job's fine-tuning does.
+  results["pair_encoder"] = _flat(train.finetune_init_params(config, workdir, num_classes, plan))
+
+  # Fine-tuning from this process's own pretrained encoder (the head stays as initialised).
   trainer = trainer_lib.make_trainer(config, trainer_lib.finetune_task(config, num_classes), plan)
-  # Each process of the pair reads its own share; here both shares make the global batch, in
-  # process order (the mesh lists process 0's devices first).
-  shares = [data_lib.build_train_iterator(
-      config.data, kind="supervised", image_size=s.img_size, global_batch_size=s.batch_size,
-      seed=config.seed, process_index=p, process_count=NUM_PROCESSES)
-            for p in range(NUM_PROCESSES)]
-  rng = jax.jit(lambda: jax.random.key(config.seed + 1), out_shardings=plan.replicated())()
-  spec = trainer_lib.abstract_batch(config, trainer.task, s.batch_size)
-  step = trainer_lib.compile_step(trainer, spec)
-  state, losses = trainer.init(), []
-  initial = _flat(state["params"])
-  for _ in range(s.steps):
-    parts = [next(it) for it in shares]
-    local = {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
-    state, metrics = step(state, sharding.global_batch(local, plan.batch), rng)
-    losses.append(float(metrics["loss"]))
+  state = trainer.init()
+  params = jax.device_put(dict(state["params"], **encoder), trainer.state_shardings["params"])
+  state = dict(state, params=params)
+  results["initial"] = _flat(state["params"])
+  state, results["loss"] = _train(config, trainer, plan,
+                                  shares("supervised", config.finetune), state)
+  results["params"] = _flat(state["params"])
 
   # The pair's checkpoint, restored onto this process's 4 devices.
-  restored, _ = train.load_eval_params(config, workdir, num_classes, plan)
+  results["restored"] = _flat(train.load_eval_params(config, workdir, num_classes, plan)[0])
   # And the whole eval-only path of the main job on it.
   config.eval_only = True
-  result = train.run(config, workdir)
-  np.savez(out, loss=np.array(losses), initial=initial, params=_flat(state["params"]),
-           restored=_flat(restored), eval=json.dumps(result))
+  results["eval"] = json.dumps(train.run(config, workdir))
+  np.savez(out, **results)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,7 +133,7 @@ def _env(extra_xla_flags: str = "") -> dict:
   env = dict(os.environ)
   env["XLA_FLAGS"] = " ".join([env.get("XLA_FLAGS", ""), FAST_COMPILE, extra_xla_flags]).strip()
   env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
   # The suite's compilation cache (tests/conftest.py), for the children too.
   import jax
   if jax.config.jax_compilation_cache_dir:
@@ -116,7 +145,7 @@ def _env(extra_xla_flags: str = "") -> dict:
 def _run(cmd, env, timeout, what):
   """Runs `cmd` in its own process group, so a hang can be ended with all it started."""
   child = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           text=True, start_new_session=True, cwd=REPO)
+                           text=True, start_new_session=True, cwd=ROOT)
   try:
     log, _ = child.communicate(timeout=timeout)
   except subprocess.TimeoutExpired:
@@ -147,10 +176,15 @@ def test_two_processes_match_one_and_their_checkpoint_restores_on_one(data_dir, 
     with open(os.path.join(logs, f"process_{p}.log")) as f:
       assert f"process {p} of {NUM_PROCESSES}, {DEVICES_PER_PROCESS} local / 4 global" in f.read()
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    pair_losses = [json.loads(line)["loss"] for line in f]
+    records = [json.loads(line) for line in f]
+  pair_losses = {stage: [r["loss"] for r in records if r["stage"] == stage]
+                 for stage in ("pretrain", "finetune")}
+  # finetune.eval_every=3 of the tiny config: the test split evaluated on both processes.
+  assert [r["step"] for r in records if r["stage"] == "eval"] == [3]
   with open(os.path.join(workdir, "eval.json")) as f:
     pair_eval = json.load(f)
-  assert sorted(os.listdir(os.path.join(workdir, "finetune", "checkpoints"))) == ["4"]
+  for stage in ("pretrain", "finetune"):
+    assert sorted(os.listdir(os.path.join(workdir, stage, "checkpoints"))) == ["4"]
 
   out = str(tmp_path / "reference.npz")
   _run([sys.executable, os.path.abspath(__file__), "--data-dir", data_dir, "--workdir", workdir,
@@ -158,7 +192,13 @@ def test_two_processes_match_one_and_their_checkpoint_restores_on_one(data_dir, 
        what="the 1-process reference")
   ref = np.load(out)
 
-  np.testing.assert_allclose(pair_losses, ref["loss"], rtol=0, atol=1e-5)
+  # SimMIM on two processes: the same losses (same images, same masks), and the encoder the
+  # pair saved for fine-tuning equals the reference's after the same steps.
+  np.testing.assert_allclose(pair_losses["pretrain"], ref["pre_loss"], rtol=0, atol=1e-5)
+  np.testing.assert_allclose(ref["pair_encoder"], ref["encoder"], rtol=0, atol=1e-5)
+  assert np.max(np.abs(ref["pre_params"] - ref["pre_initial"])) > 1e-3  # the steps did train
+  # Fine-tuning from that encoder.
+  np.testing.assert_allclose(pair_losses["finetune"], ref["loss"], rtol=0, atol=1e-5)
   # The pair's final parameters (saved by both processes, restored here on 4 devices) equal
   # the reference's after the same steps.
   np.testing.assert_allclose(ref["restored"], ref["params"], rtol=0, atol=1e-5)

@@ -11,19 +11,14 @@ import pytest
 from flax import nnx
 
 from swinv2_jax import config as config_lib
-from swinv2_jax import convert
 from swinv2_jax import data
 from swinv2_jax import optim
 from swinv2_jax import train
 from swinv2_jax import trainer as trainer_lib
+from swinv2_jax import weights
 from swinv2_jax.models import SwinTransformerV2
 
-import importlib.util
-
-_SPEC = importlib.util.spec_from_file_location(
-    "digits_config", os.path.join(os.path.dirname(__file__), "..", "configs", "digits.py"))
-digits_config = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(digits_config)
+from helpers import load_config
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +28,7 @@ def data_dir(tmp_path_factory):
 
 def tiny_config(data_dir, steps=8):
   """Two model stages (stride 8), 32 px digits: compiles in seconds."""
-  c = digits_config.get_config("tiny")
+  c = load_config("digits.py", "tiny")
   c.data.data_dir = data_dir
   c.model.embed_dim, c.model.depths, c.model.num_heads = 16, (2, 2), (1, 2)
   for stage in (c.pretrain, c.finetune):
@@ -95,7 +90,7 @@ def test_pretrain_finetune_eval_then_resume_and_eval_only(data_dir, tmp_path):
   model = trainer_lib.build_classifier(config, "eval", num_classes=10)
   nnx.update(model.head, {"kernel": jnp.zeros_like(model.head.kernel[...]),
                           "bias": jnp.zeros(10).at[3].set(1.0)})
-  convert.save_params(str(tmp_path / "converted"), model)
+  weights.save_params(str(tmp_path / "converted"), model)
   config.eval_checkpoint = str(tmp_path / "converted")
   constant = train.run(config, str(tmp_path / "eval_only"))
   assert constant["checkpoint"] == str(tmp_path / "converted")
@@ -120,6 +115,37 @@ def test_finetune_step_fits_a_fixed_batch(data_dir):
     state, metrics = trainer.step(state, batch, key)
     losses.append(float(metrics["loss"]))
   assert losses[-1] < losses[0] - 0.04 and np.all(np.diff(losses) < 0.01), losses
+
+
+def test_ema_follows_the_parameter_trajectory(data_dir):
+  """finetune.ema_decay=0.5: after each update ema = 0.5 * ema + 0.5 * new params, starting
+  from the initial parameters. Recomputed in numpy from the parameters recorded after every
+  step, it catches an EMA of the previous step's parameters, a swapped decay, an EMA that is
+  not carried from step to step or not updated at all."""
+  config = tiny_config(data_dir)
+  config.model.depths, config.model.num_heads = (2,), (1,)  # one stage: compiles in seconds
+  config.finetune.ema_decay, config.finetune.warmup_steps = 0.5, 0
+  task = trainer_lib.finetune_task(config, num_classes=10)
+  trainer = trainer_lib.make_trainer(config, task, trainer_lib.make_layout(config))
+  rng = np.random.default_rng(0)
+  batch = dict(image=rng.normal(size=(1, 32, 32, 32, 3)).astype(np.float32),
+               label=rng.integers(0, 10, (1, 32)).astype(np.int32))
+  state, key = trainer.init(), jax.random.key(0)
+  flat = lambda tree: [np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(tree)]
+  ema = flat(state["params"])
+  np.testing.assert_array_equal(np.concatenate(flat(state["ema"])), np.concatenate(ema))
+  for _ in range(3):
+    state, _ = trainer.step(state, batch, key)
+    params = flat(state["params"])  # read before the next step donates the state
+    ema = [0.5 * e + 0.5 * p for e, p in zip(ema, params)]
+  got, params = np.concatenate(flat(state["ema"])), np.concatenate(params)
+  np.testing.assert_allclose(got, np.concatenate(ema), rtol=0, atol=1e-6)
+  # The EMA lags the parameters by far more than that tolerance.
+  assert np.max(np.abs(got - params)) > 1e-3
+  # Without a decay there is no EMA copy in the state.
+  config.finetune.ema_decay = 0.0
+  plain = trainer_lib.make_trainer(config, task, trainer_lib.make_layout(config))
+  assert "ema" not in plain.abstract_state
 
 
 def test_resumed_run_continues_exactly(data_dir, tmp_path):
@@ -221,7 +247,7 @@ def test_batch_arithmetic_is_checked_before_anything_is_written(data_dir, tmp_pa
     ("plan.mfu", 1.5, "config.plan.mfu"),
 ])
 def test_bad_config_values_name_the_key(key, value, message):
-  config = digits_config.get_config()
+  config = load_config("digits.py")
   section, _, leaf = key.rpartition(".")
   (config[section] if section else config)[leaf] = value
   with pytest.raises(config_lib.ConfigError) as error:
@@ -230,12 +256,12 @@ def test_bad_config_values_name_the_key(key, value, message):
 
 
 def test_unknown_config_keys_are_rejected():
-  config = digits_config.get_config()
+  config = load_config("digits.py")
   with config.unlocked():
     config.finetune.learning_rate = 1.0
   with pytest.raises(config_lib.ConfigError, match=r"^config.finetune.learning_rate: unknown key"):
     config_lib.validate(config)
-  config_lib.validate(digits_config.get_config())  # the shipped config itself is valid
+  config_lib.validate(load_config("digits.py"))  # the shipped config itself is valid
 
 
 def _official_layer_id(name, depths):

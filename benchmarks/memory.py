@@ -44,7 +44,7 @@ def model_config(model: str, batch: int):
   c.finetune.batch_size, c.finetune.accum_steps = batch, 1
   c.data.mixup_alpha = c.data.cutmix_alpha = 0.0
   c.plan.num_devices = 1
-  c.mesh.zero_stage = 0
+  c.mesh.zero = 0
   return c, tuple(chunks)
 
 

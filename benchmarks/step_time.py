@@ -23,7 +23,7 @@ import memory  # noqa: E402  (benchmarks/memory.py: the same SwinV2-T config)
 from swinv2_jax import plan  # noqa: E402
 from swinv2_jax import trainer as trainer_lib  # noqa: E402
 
-# remat policy : sequential attention (1 = off, else the T pieces per stage of memory.py)
+# remat policy : sequential attention (1 = off, else the T pieces per level of memory.py)
 DEFAULT_VARIANTS = "none:1,full:1,dots:1,none:seq,full:seq"
 
 

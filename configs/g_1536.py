@@ -28,7 +28,7 @@ def get_config(arg: str = ""):
   c.model.name = "swinv2_giant_window32_1536"
   c.model.dtype = "bfloat16"
   c.model.remat = ("full", "full", "full", "full")
-  # 144, 36, 9 and 4 windows per stage at 1536: pieces of 9, 9, 1 and 1 windows.
+  # 144, 36, 9 and 4 windows per level at 1536: pieces of 9, 9, 1 and 1 windows.
   c.model.attention_chunks = (16, 4, 9, 4)
   c.data = data.default_data_config("imagenet2012")
 
@@ -54,7 +54,7 @@ def get_config(arg: str = ""):
 
   # The smallest mesh on which the 1536 fine-tune fits 40 GB (docs/memory_plan.md), with
   # gradient accumulation up to the recipe's global batches: fine-tune 576 = 72 x 1 x 8.
-  c.mesh.zero_stage = 3
+  c.mesh.zero = 3
   p.accum_steps = "auto"
   f.accum_steps = 72
   c.plan.num_devices, c.plan.device_memory_gb = 8, 40.0

@@ -22,7 +22,7 @@ def get_config(arg: str = ""):
   f = c.finetune
   f.img_size, f.window_size, f.pretrained_window_sizes = 640, 40, (12, 12, 12, 6)
   f.layer_decay, f.base_lr, f.warmup_lr, f.min_lr = 0.87, 2.1e-5 * 512 / 576, 2e-8, 2e-7
-  c.mesh.zero_stage = 3
+  c.mesh.zero = 3
   if arg == "tiny":
     c = recipes.shrink_for_laptop(c, embed_dim=32, depths=(2, 2, 6, 2), heads=(1, 2, 4, 8))
     c.model.extra_norm_period = 6

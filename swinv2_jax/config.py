@@ -27,8 +27,8 @@ def _train_stage(**overrides) -> ml_collections.ConfigDict:
   """Settings shared by the SimMIM pretraining and the fine-tuning stage."""
   stage = ml_collections.ConfigDict(dict(
       img_size=192,
-      window_size=12,                # int, or one per model stage
-      pretrained_window_sizes=0,     # int, or one per model stage (0 = own window)
+      window_size=12,                # int, or one per model level
+      pretrained_window_sizes=0,     # int, or one per model level (0 = own window)
       batch_size=128,                # global, over all processes: one optimizer update
       # Gradient accumulation: the global batch runs as accum_steps microbatches, each spread
       # over every data-parallel device (batch_size = accum_steps x microbatch x devices).
@@ -48,7 +48,7 @@ def _train_stage(**overrides) -> ml_collections.ConfigDict:
       betas=(0.9, 0.999),
       log_every=50,
       checkpoint_every=1000,
-  ), type_safe=False)  # per-stage settings may be an int or a tuple
+  ), type_safe=False)  # per-level settings may be an int or a tuple
   stage.update(overrides)
   return stage
 
@@ -69,8 +69,8 @@ def base_config() -> ml_collections.ConfigDict:
       patch_size=4,
       extra_norm_period=config_dict.placeholder(int),
       dtype="float32",               # compute dtype; params stay float32
-      remat="none",                  # per model stage or one: none, full, dots, dots_no_batch
-      attention_chunks=1,            # sequential attention: pieces per model stage
+      remat="none",                  # per model level or one: none, full, dots, dots_no_batch
+      attention_chunks=1,            # sequential attention: pieces per model level
   ), type_safe=False)
 
   c.data = data_lib.default_data_config("imagenet2012")
@@ -92,7 +92,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(
       axes=("data",),
       shape=(-1,),                   # one -1 takes the remaining devices
-      zero_stage=1,
+      zero=1,
       # Regex on the parameter path -> 'auto' (largest divisible dim), 'replicate' or a spec.
       rules=((".*", "auto"),),
   ))
@@ -106,7 +106,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.plan = ml_collections.ConfigDict(dict(
       num_devices=8,                 # the mesh a dry run compiles for, on fake CPU devices
       device_memory_gb=40.0,         # the budget accum_steps='auto' fits a microbatch into
-      accelerator="a100-40g",        # for the wall-time estimate: a key of plan.ACCELERATORS
+      accelerator="a100-40g",        # for the wall-time estimate: a key of config.ACCELERATORS
       mfu=0.4,                       # model FLOPs utilisation assumed by that estimate
   ))
   return c
@@ -131,10 +131,10 @@ def _check_keys(config, reference, prefix=""):
       _check_keys(value, ref, prefix + key + ".")
 
 
-def _per_stage(key, value, num_stages, kind, allowed=None):
-  values = [value] * num_stages if isinstance(value, kind) else list(value)
-  if len(values) != num_stages or not all(isinstance(v, kind) for v in values):
-    _fail(key, f"one {kind.__name__} or one per model stage ({num_stages}), got {value!r}")
+def _per_level(key, value, num_levels, kind, allowed=None):
+  values = [value] * num_levels if isinstance(value, kind) else list(value)
+  if len(values) != num_levels or not all(isinstance(v, kind) for v in values):
+    _fail(key, f"one {kind.__name__} or one per model level ({num_levels}), got {value!r}")
   if allowed is not None:
     for v in values:
       if v not in allowed:
@@ -187,9 +187,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
           "attention overflows in fp16); use 'bfloat16'")
   if config.model.dtype not in DTYPES:
     _fail("model.dtype", f"one of {DTYPES}, got {config.model.dtype!r}")
-  num_stages = len(config.model.depths or models.PRESETS[config.model.name]["depths"])
-  _per_stage("model.remat", config.model.remat, num_stages, str, set(REMAT_POLICIES))
-  for c in _per_stage("model.attention_chunks", config.model.attention_chunks, num_stages, int):
+  num_levels = len(config.model.depths or models.PRESETS[config.model.name]["depths"])
+  _per_level("model.remat", config.model.remat, num_levels, str, set(REMAT_POLICIES))
+  for c in _per_level("model.attention_chunks", config.model.attention_chunks, num_levels, int):
     if c < 1:
       _fail("model.attention_chunks", f"pieces must be >= 1, got {c}")
   for name in TRAINING_STAGES:
@@ -210,17 +210,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
       _fail(f"{name}.drop_path_rate", f"must be in [0, 1), got {stage.drop_path_rate}")
     if stage.warmup_steps > stage.steps:
       _fail(f"{name}.warmup_steps", f"{stage.warmup_steps} exceeds {name}.steps={stage.steps}")
-    _per_stage(f"{name}.window_size", stage.window_size, num_stages, int)
-    _per_stage(f"{name}.pretrained_window_sizes", stage.pretrained_window_sizes, num_stages, int)
+    _per_level(f"{name}.window_size", stage.window_size, num_levels, int)
+    _per_level(f"{name}.pretrained_window_sizes", stage.pretrained_window_sizes, num_levels, int)
     try:
       win.check_input_size(win.to_pair(stage.img_size), config.model.patch_size,
-                           SwinTransformerV2._stage_windows(stage.window_size, num_stages))
+                           SwinTransformerV2._level_windows(stage.window_size, num_levels))
     except ValueError as e:
       _fail(f"{name}.img_size", str(e))
   p = config.pretrain
   if not 0 < p.mask_ratio < 1:
     _fail("pretrain.mask_ratio", f"must be in (0, 1), got {p.mask_ratio}")
-  stride = config.model.patch_size * 2**(num_stages - 1)
+  stride = config.model.patch_size * 2**(num_levels - 1)
   if p.mask_patch_size % config.model.patch_size or p.img_size % p.mask_patch_size:
     _fail("pretrain.mask_patch_size", f"{p.mask_patch_size} must be a multiple of the patch "
           f"size {config.model.patch_size} and divide img_size {p.img_size}")
@@ -238,8 +238,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if len(config.mesh.axes) != len(config.mesh.shape):
     _fail("mesh.shape", f"{tuple(config.mesh.shape)} has not one size per axis "
           f"{tuple(config.mesh.axes)}")
-  if config.mesh.zero_stage not in (0, 1, 2, 3):
-    _fail("mesh.zero_stage", f"must be 0, 1, 2 or 3, got {config.mesh.zero_stage}")
+  if config.mesh.zero not in (0, 1, 2, 3):
+    _fail("mesh.zero", f"must be 0, 1, 2 or 3, got {config.mesh.zero}")
   for rule in config.mesh.rules:
     if len(rule) != 2 or not isinstance(rule[0], str):
       _fail("mesh.rules", f"each rule is (regex, 'auto' | 'replicate' | spec), got {rule!r}")

@@ -38,7 +38,7 @@ def layer_ids(params: Params, depths: Sequence[int], blocks_per_group: Sequence[
   """Official layer ids (SimMIM `get_swin_layer_id`) for every parameter.
 
   mask_token, patch_embed -> 0; block k of the whole network -> k + 1; the PatchMerging of
-  stage s -> sum(depths[:s+1]); everything else (final norm, head, decoder) -> sum(depths)+1.
+  level s -> sum(depths[:s+1]); everything else (final norm, head, decoder) -> sum(depths)+1.
   Stacked block parameters get one id per group along their leading axis (an int array).
   """
   total = sum(depths)
@@ -49,12 +49,12 @@ def layer_ids(params: Params, depths: Sequence[int], blocks_per_group: Sequence[
       names = names[names.index("encoder") + 1:]
     if names[0] in ("mask_token", "patch_embed"):
       return np.int32(0)
-    if names[0] == "stages":
-      stage = int(names[1])
-      first = sum(depths[:stage])
+    if names[0] == "levels":
+      level = int(names[1])
+      first = sum(depths[:level])
       if names[2] == "downsample":
-        return np.int32(sum(depths[:stage + 1]))
-      size = blocks_per_group[stage]
+        return np.int32(sum(depths[:level + 1]))
+      size = blocks_per_group[level]
       if names[2] == "groups":
         num_groups = leaf.shape[0]
         if names[3] == "extra_norm":  # follows the last block of its group
@@ -62,7 +62,7 @@ def layer_ids(params: Params, depths: Sequence[int], blocks_per_group: Sequence[
         j = int(names[4])
         return (first + np.arange(num_groups) * size + j + 1).astype(np.int32)
       if names[2] == "tail":
-        num_grouped = depths[stage] - depths[stage] % size if size else 0
+        num_grouped = depths[level] - depths[level] % size if size else 0
         return np.int32(first + num_grouped + int(names[4]) + 1)
     return np.int32(total + 1)
 

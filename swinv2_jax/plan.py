@@ -151,7 +151,7 @@ def _settings(config, layout, img_size, window_size) -> dict:
   m = config.model
   custom = [k for k in ("embed_dim", "depths", "num_heads") if m[k] is not None]
   return dict(
-      zero_stage=layout.zero_stage, remat=m.remat, attention_chunks=m.attention_chunks,
+      zero=layout.zero, remat=m.remat, attention_chunks=m.attention_chunks,
       dtype=m.dtype, model=m.name + (" with " + ", ".join(
           f"{k}={m[k]}" for k in custom) if custom else ""),
       img_size=img_size, window_size=window_size, platform=jax.devices()[0].platform,
@@ -220,7 +220,7 @@ def fit_accum_steps(config, task, layout, budget_bytes: float | None = None):
     raise DoesNotFitError(
         f"config.{task.name}.accum_steps='auto': one image per device needs "
         f"{measure(1) / 2**30:.1f} GiB, over plan.device_memory_gb="
-        f"{config.plan.device_memory_gb}; add devices, raise mesh.zero_stage, or set "
+        f"{config.plan.device_memory_gb}; add devices, raise mesh.zero, or set "
         f"model.remat / model.attention_chunks")
   fits, over = 1, None
   while True:
@@ -256,7 +256,7 @@ def format_table(*summaries: dict) -> str:
   first = summaries[0]
   st = first["settings"]
   mesh = " x ".join(f"{k}={v}" for k, v in first["mesh"].items())
-  head = (f"{st['model']}, {st['dtype']}, mesh {mesh}, ZeRO {st['zero_stage']}, remat "
+  head = (f"{st['model']}, {st['dtype']}, mesh {mesh}, ZeRO {st['zero']}, remat "
           f"{st['remat']}, attention chunks {st['attention_chunks']}")
   rows = [("", [x["stage"] for x in summaries])]
   col = lambda f: [f(x) for x in summaries]

@@ -1,6 +1,7 @@
-"""Sharding as data: a device mesh from config, path rules -> partition specs, ZeRO stages.
+"""Sharding as data: a device mesh from config, path rules -> partition specs, ZeRO-0 to ZeRO-3.
 
-ZeRO stages over the data-parallel devices (Rajbhandari et al.; paper section 3.5):
+ZeRO over the data-parallel devices (Rajbhandari et al.; paper section 3.5), `mesh.zero` = N for
+ZeRO-N (DeepSpeed calls N a "stage"; here "stage" is a training stage only):
   0: parameters, gradients and optimizer state replicated;
   1: optimizer state sharded;
   2: optimizer state and gradients sharded (the gradient all-reduce becomes a reduce-scatter);
@@ -93,14 +94,14 @@ def tree_specs(tree, rules, axes, mesh, min_size: int = MIN_SHARDED_SIZE):
 
 
 class Layout:
-  """Shardings of parameters, gradients and optimizer state for one ZeRO stage."""
+  """Shardings of parameters, gradients and optimizer state for one ZeRO setting (`zero` 0-3)."""
 
-  def __init__(self, mesh: jax.sharding.Mesh, *, zero_stage: int, rules, data_axes=None,
+  def __init__(self, mesh: jax.sharding.Mesh, *, zero: int, rules, data_axes=None,
                min_sharded_size: int = MIN_SHARDED_SIZE):
-    if zero_stage not in (0, 1, 2, 3):
-      raise ValueError(f"mesh.zero_stage must be 0, 1, 2 or 3, got {zero_stage}")
+    if zero not in (0, 1, 2, 3):
+      raise ValueError(f"mesh.zero must be 0, 1, 2 or 3, got {zero}")
     self.mesh = mesh
-    self.zero_stage = zero_stage
+    self.zero = zero
     self.rules = [tuple(r) for r in rules]
     self.data_axes = tuple(data_axes or mesh.axis_names)
     # 'auto' leaves below this many elements replicate (0 shards all: tiny test models).
@@ -115,16 +116,16 @@ class Layout:
     return jax.tree.map(lambda _: NamedSharding(self.mesh, P()), tree)
 
   def params(self, params):
-    return self._sharded(params) if self.zero_stage >= 3 else self._replicated(params)
+    return self._sharded(params) if self.zero >= 3 else self._replicated(params)
 
   def grads(self, params):
-    return self._sharded(params) if self.zero_stage >= 2 else self.params(params)
+    return self._sharded(params) if self.zero >= 2 else self.params(params)
 
   def opt_state(self, opt_state, params=None):
     """Optimizer-state shardings. A leaf that mirrors a parameter (Adam's mu and nu, an EMA)
     is sharded by the rules as that parameter's path, so a rule written for `head.*` also
     splits the head's moments; other leaves (counts) by their own path."""
-    if self.zero_stage < 1:
+    if self.zero < 1:
       return self._replicated(opt_state)
     param_paths = {}
     if params is not None:

@@ -2,7 +2,7 @@
 their sources"; official `models/simmim.py` and `data/data_simmim_pt.py`).
 
 The encoder is a SwinTransformerV2 without head; masked tokens are replaced by a learnt mask
-token after the patch embedding; a 1x1 conv + pixel shuffle decodes the last stage back to
+token after the patch embedding; a 1x1 conv + pixel shuffle decodes the last level back to
 pixels; the loss is L1 on masked pixels, optionally against locally normalised targets.
 """
 
@@ -27,7 +27,7 @@ class SimMIM(nnx.Module):
       raise ValueError("the SimMIM encoder must be built with num_classes=0")
     self.encoder = encoder
     embed_dim = encoder.patch_embed.norm.scale.shape[-1]
-    self.stride = encoder.patch_size * 2**(len(encoder.stages) - 1)
+    self.stride = encoder.patch_size * 2**(len(encoder.levels) - 1)
     self.mask_token = nnx.Param(layers.dense_init(rngs.params(), (1, 1, 1, embed_dim)))
     # A 1x1 conv with torch's default Conv2d init, as the official `SimMIM.decoder`.
     self.decoder = layers.conv(encoder.num_features, self.stride**2 * 3, 1, dtype=jnp.float32,
@@ -35,7 +35,7 @@ class SimMIM(nnx.Module):
 
   def __call__(self, images, token_mask, *, rng=None):
     """Reconstructed images (B, H, W, 3) in float32 from images with masked tokens."""
-    maps = self.encoder.stage_features(images, rng=rng, token_mask=token_mask,
+    maps = self.encoder.level_features(images, rng=rng, token_mask=token_mask,
                                        mask_token=self.mask_token[...])
     z = self.encoder.norm(maps[-1]).astype(jnp.float32)
     return pixel_shuffle(self.decoder(z), self.stride)

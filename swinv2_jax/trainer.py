@@ -3,7 +3,7 @@ jitted update step. Shared by the training loop (train.py) and the memory plan (
 
 Functional core: each model is split once into a graphdef and a pure-dict parameter pytree;
 the train state {step, params, opt_state[, ema]} is created already sharded by a jitted init
-(ZeRO stage from config), and the jitted step maps state -> state with donation.
+(ZeRO-0..3 from config.mesh.zero), and the jitted step maps state -> state with donation.
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def make_trainer(config, task: Task, layout: sharding_lib.Layout,
   tx = optim.make_optimizer(
       abstract_params, schedule=schedule, weight_decay=s.weight_decay, clip_grad=s.clip_grad,
       layer_decay=s.layer_decay, depths=backbone.depths,
-      blocks_per_group=[st.blocks_per_group for st in backbone.stages], betas=tuple(s.betas))
+      blocks_per_group=[st.blocks_per_group for st in backbone.levels], betas=tuple(s.betas))
   use_ema = task.name == "finetune" and s.ema_decay > 0
   skip_nonfinite = s.skip_nonfinite > 0
 
@@ -155,7 +155,7 @@ def make_trainer(config, task: Task, layout: sharding_lib.Layout,
   state_shardings = dict(step=layout.replicated(), params=layout.params(params_shape),
                          opt_state=layout.opt_state(abstract_state["opt_state"], params_shape),
                          skipped_in_row=layout.replicated())
-  if use_ema:  # the EMA copy is optimizer-like state: sharded from ZeRO stage 1
+  if use_ema:  # the EMA copy is optimizer-like state: sharded from ZeRO-1 on
     state_shardings["ema"] = layout.opt_state(params_shape, params_shape)
   grad_shardings = layout.grads(params_shape)
 
@@ -313,4 +313,4 @@ def compile_eval_step(config, eval_step: EvalStep):
 
 def make_layout(config, devices=None) -> sharding_lib.Layout:
   mesh = sharding_lib.make_mesh(config.mesh.axes, config.mesh.shape, devices)
-  return sharding_lib.Layout(mesh, zero_stage=config.mesh.zero_stage, rules=config.mesh.rules)
+  return sharding_lib.Layout(mesh, zero=config.mesh.zero, rules=config.mesh.rules)

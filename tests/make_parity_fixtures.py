@@ -51,8 +51,8 @@ CONFIGS = {
     # the height clamps (no shift along h, shift 2 along w); stage 3 clamps to (2, 4).
     "rect": dict(img_size=[64, 128], embed_dim=4, depths=[2, 2, 2, 2], num_heads=[2, 2, 2, 4],
                  window_size=4, num_classes=5, batch=1),
-    # One window per stage, some rectangular: (8,8), (4,2), (2,2), (2,2) on maps 16, 8, 4, 2.
-    "per_stage_window": dict(img_size=64, embed_dim=4, depths=[2, 2, 2, 2],
+    # One window per level, some rectangular: (8,8), (4,2), (2,2), (2,2) on maps 16, 8, 4, 2.
+    "per_level_window": dict(img_size=64, embed_dim=4, depths=[2, 2, 2, 2],
                              num_heads=[2, 2, 2, 2], window_size=[[8, 8], [4, 2], [2, 2], [2, 2]],
                              num_classes=3, batch=1),
 }

@@ -23,13 +23,13 @@ from swinv2_jax.models import SwinTransformerV2
 
 from parity_fixtures import abstract_model, config, loaded, state
 
-NAME = "shift_clamp"  # 4 stages, all three layouts
+NAME = "shift_clamp"  # 4 levels, all three layouts
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Tiny 2-stage model for the CLI (its forward compiles fast); built from a preset + overrides.
+# Tiny 2-level model for the CLI (its forward compiles fast); built from a preset + overrides.
 CLI_PRESET = "swinv2_tiny_window8_256"
 CLI_OVERRIDES = dict(img_size=32, embed_dim=4, depths=[2, 1], num_heads=[1, 2], window_size=4,
                      num_classes=3, drop_path_rate=0.0)
-# H/G's extra LayerNorm every 6 blocks, on a small model: two groups of 6 blocks in stage 2.
+# H/G's extra LayerNorm every 6 blocks, on a small model: two groups of 6 blocks in level 2.
 EXTRA_NORM_ARGS = dict(img_size=64, patch_size=4, window_size=4, embed_dim=16,
                        depths=(2, 2, 12, 2), num_heads=(1, 2, 4, 8), num_classes=3,
                        extra_norm_period=6, drop_path_rate=0.0)
@@ -90,9 +90,9 @@ def test_all_layouts_give_the_same_parameters():
   np.testing.assert_array_equal(reference["patch_embed.proj.kernel"],
                                 timm["patch_embed.proj.weight"].transpose(2, 3, 1, 0))
   np.testing.assert_array_equal(reference["head.kernel"], timm["head.fc.weight"].T)
-  np.testing.assert_array_equal(reference["stages.0.downsample.reduction.kernel"],
+  np.testing.assert_array_equal(reference["levels.0.downsample.reduction.kernel"],
                                 timm["layers.1.downsample.reduction.weight"].T)
-  np.testing.assert_array_equal(reference["stages.2.groups.blocks.1.norm1.scale"][0],
+  np.testing.assert_array_equal(reference["levels.2.groups.blocks.1.norm1.scale"][0],
                                 timm["layers.2.blocks.1.norm1.weight"])
 
 
@@ -112,18 +112,18 @@ def test_extra_norm_round_trip_and_names():
   build = lambda: nnx.eval_shape(lambda: SwinTransformerV2(**EXTRA_NORM_ARGS))
   source = randomized(build())
   ours = params(source)
-  extra_scale = ours["stages.2.groups.extra_norm.scale"]  # (2 groups, 64)
+  extra_scale = ours["levels.2.groups.extra_norm.scale"]  # (2 groups, 64)
   assert extra_scale.shape == (2, 64)
-  assert not any("extra_norm" in k for k in ours if not k.startswith("stages.2."))
+  assert not any("extra_norm" in k for k in ours if not k.startswith("levels.2."))
   for layout in ("official", "timm"):
     exported = weights.to_pytorch_state_dict(source, layout)
-    # Stage 2 has 12 blocks in groups of 6: blocks 5 and 11 carry it; stages of 2 blocks none.
+    # Level 2 has 12 blocks in groups of 6: blocks 5 and 11 carry it; levels of 2 blocks none.
     assert {k for k in exported if ".norm3." in k} == {
         f"layers.2.blocks.{k}.norm3.{leaf}" for k in (5, 11) for leaf in ("weight", "bias")}
     for g, k in enumerate((5, 11)):
       np.testing.assert_array_equal(exported[f"layers.2.blocks.{k}.norm3.weight"], extra_scale[g])
       np.testing.assert_array_equal(exported[f"layers.2.blocks.{k}.norm3.bias"],
-                                    ours["stages.2.groups.extra_norm.bias"][g])
+                                    ours["levels.2.groups.extra_norm.bias"][g])
     assert weights.detect_layout(exported) == layout
     assert_same_params(ours, params(weights.load_pytorch_weights(build(), exported)), skip=())
 
@@ -131,8 +131,8 @@ def test_extra_norm_round_trip_and_names():
   perturbed = dict(exported)
   perturbed["layers.2.blocks.5.norm3.weight"] = exported["layers.2.blocks.5.norm3.weight"] + 1
   got = params(weights.load_pytorch_weights(build(), perturbed))
-  np.testing.assert_array_equal(got["stages.2.groups.extra_norm.scale"][0], extra_scale[0] + 1)
-  np.testing.assert_array_equal(got["stages.2.groups.extra_norm.scale"][1], extra_scale[1])
+  np.testing.assert_array_equal(got["levels.2.groups.extra_norm.scale"][0], extra_scale[0] + 1)
+  np.testing.assert_array_equal(got["levels.2.groups.extra_norm.scale"][1], extra_scale[1])
   # A checkpoint without it (official / timm SwinV2) does not load silently.
   del perturbed["layers.2.blocks.11.norm3.bias"]
   with pytest.raises(ValueError, match=r"missing.*layers\.2\.blocks\.11\.norm3\.bias"):

@@ -68,7 +68,7 @@ def test_registry_names_and_unknown_name():
 def test_forward_features_and_determinism():
   model = _randomise(_build(drop_path_rate=0.2))
   x = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
-  maps = nnx.eval_shape(lambda m, x: m.stage_features(x), model, x)
+  maps = nnx.eval_shape(lambda m, x: m.level_features(x), model, x)
   assert [m.shape for m in maps] == [(2, 16, 16, 16), (2, 8, 8, 32), (2, 4, 4, 64), (2, 2, 2, 128)]
   assert nnx.eval_shape(lambda m, x: m.features(x), model, x).shape == (2, 128)
   train_a = _forward(model, x, jax.random.key(0))
@@ -85,7 +85,7 @@ def test_zero_initialised_post_norms_make_blocks_identity():
   model.eval()
   x = jax.random.normal(jax.random.key(1), (1, 64, 64, 3))
   embedded = model.patch_embed(x)
-  blocks_out = nnx.jit(lambda stage, x: stage.run_blocks(x))(model.stages[0], embedded)
+  blocks_out = nnx.jit(lambda level, x: level.run_blocks(x))(model.levels[0], embedded)
   np.testing.assert_allclose(blocks_out, embedded, atol=1e-6)
 
 
@@ -93,11 +93,11 @@ def test_window_clamping_per_axis():
   assert win.clamp_window((8, 8), (8, 8), (4, 4)) == ((8, 8), (0, 0))
   assert win.clamp_window((4, 16), (8, 8), (4, 4)) == ((4, 8), (0, 4))
   model = _build(img_size=(64, 128))
-  blocks = model.stages[1].groups.blocks  # 8x16 map, window 4: shifts both axes
+  blocks = model.levels[1].groups.blocks  # 8x16 map, window 4: shifts both axes
   assert (blocks[1].window, blocks[1].shift) == ((4, 4), (2, 2))
-  blocks = model.stages[2].groups.blocks  # 4x8 map: height fits one window, so no shift on it
+  blocks = model.levels[2].groups.blocks  # 4x8 map: height fits one window, so no shift on it
   assert (blocks[1].window, blocks[1].shift) == ((4, 4), (0, 2))
-  last = model.stages[3].groups.blocks  # 2x4 map: both axes clamp, no shift
+  last = model.levels[3].groups.blocks  # 2x4 map: both axes clamp, no shift
   assert (last[1].window, last[1].shift) == ((2, 4), (0, 0))
   model.eval()
   assert _forward(model, jnp.zeros((1, 64, 128, 3))).shape == (1, 7)
@@ -145,18 +145,18 @@ def test_pretrained_window_sizes_change_the_position_bias():
 
 def test_odd_depth_uses_scanned_groups_plus_tail():
   model = _build(depths=(2, 2, 5, 2))
-  stage = model.stages[2]
-  assert stage.groups.blocks[0].attn.q_bias.shape == (2, 64) and len(stage.tail.blocks) == 1
+  level = model.levels[2]
+  assert level.groups.blocks[0].attn.q_bias.shape == (2, 64) and len(level.tail.blocks) == 1
   model.eval()
   assert np.isfinite(_forward(model, jnp.ones((1, 64, 64, 3)))).all()
 
 
 def test_extra_norm_every_six_blocks():
   model = _build(depths=(2, 2, 14, 2), extra_norm_period=6)
-  stage = model.stages[2]
-  assert stage.blocks_per_group == 6 and stage.groups.extra_norm.scale.shape == (2, 64)
-  assert len(stage.tail.blocks) == 2 and stage.tail.extra_norm is None
-  assert model.stages[0].groups.extra_norm is None  # depth 2 < 6: no extra norm
+  level = model.levels[2]
+  assert level.blocks_per_group == 6 and level.groups.extra_norm.scale.shape == (2, 64)
+  assert len(level.tail.blocks) == 2 and level.tail.extra_norm is None
+  assert model.levels[0].groups.extra_norm is None  # depth 2 < 6: no extra norm
   # 2 extra norms of 64 channels: exactly 256 parameters more than without them.
   plain = _build(depths=(2, 2, 14, 2))
   count = lambda m: sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
@@ -177,7 +177,7 @@ def test_remat_and_sequential_attention_keep_loss_and_gradients():
   reference = _randomise(_build())
   reference.eval()
   ref_loss, ref_grads = _loss_and_grads(reference, x)
-  # Every remat policy and sequential attention (stage 1: 4 pieces of 4 windows, stage 2: 2).
+  # Every remat policy and sequential attention (level 1: 4 pieces of 4 windows, level 2: 2).
   for overrides in (dict(remat="full"),
                     dict(remat=("dots", "none", "full", "dots_no_batch"),
                          attention_chunks=(4, 2, 1, 1))):
@@ -208,8 +208,8 @@ def _constant_sizes(stablehlo: str) -> list[int]:
   return sizes
 
 
-def test_no_large_constant_in_a_giant_1536_stage_one_block():
-  """SwinV2-G at 1536 px, stage 1: a shifted 32x32-window block over a 384x384 map (144
+def test_no_large_constant_in_a_giant_1536_level_one_block():
+  """SwinV2-G at 1536 px, level 1: a shifted 32x32-window block over a 384x384 map (144
   windows of 1024 tokens). The shift mask (576 MiB as a float32 constant) and the position
   index (4 MiB) are built in the graph, so no constant in the program is over 1 MiB."""
   block = nnx.eval_shape(lambda: layers.SwinV2Block(

@@ -55,19 +55,19 @@ def _flat(tree) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # Reference: one process, 4 devices (run as a script).
 # ---------------------------------------------------------------------------------------------
-def _train(config, trainer, plan, shares, state):
+def _train(config, trainer, layout, shares, state):
   """`steps` updates of a trainer on the global batches made of both processes' shares, in
   process order (the mesh lists process 0's devices first), as the pair's job runs them."""
   import jax
   from swinv2_jax import sharding
   from swinv2_jax import trainer as trainer_lib
-  rng = jax.jit(lambda: jax.random.key(config.seed + 1), out_shardings=plan.replicated())()
+  rng = jax.jit(lambda: jax.random.key(config.seed + 1), out_shardings=layout.replicated())()
   step = trainer_lib.compile_step(trainer, trainer_lib.trainer_batch(config, trainer))
   losses = []
   for _ in range(trainer.task.stage_cfg.steps):
     parts = [next(it) for it in shares]
     local = {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
-    state, metrics = step(state, sharding.global_microbatches(local, plan, trainer.accum_steps),
+    state, metrics = step(state, sharding.global_microbatches(local, layout, trainer.accum_steps),
                           rng)
     losses.append(float(metrics["loss"]))
   return state, np.array(losses)
@@ -82,7 +82,7 @@ def _reference(data_dir: str, workdir: str, out: str):
   assert jax.process_count() == 1 and jax.device_count() == 4, jax.devices()
   config = digits_tiny_config(data_dir)
   num_classes = data_lib.dataset_info(config.data).num_classes
-  plan = trainer_lib.make_layout(config)
+  layout = trainer_lib.make_layout(config)
   shares = lambda kind, s, **kw: [data_lib.build_train_iterator(
       config.data, kind=kind, image_size=s.img_size, global_batch_size=s.batch_size,
       seed=config.seed, process_index=p, process_count=NUM_PROCESSES, **kw)
@@ -93,29 +93,29 @@ def _reference(data_dir: str, workdir: str, out: str):
   p = config.pretrain
   mask_cfg = dict(mask_patch_size=p.mask_patch_size, model_patch_size=config.model.patch_size,
                   mask_ratio=p.mask_ratio)
-  trainer = trainer_lib.make_trainer(config, trainer_lib.simmim_task(config), plan)
+  trainer = trainer_lib.make_trainer(config, trainer_lib.simmim_task(config), layout)
   state = trainer.init()
   results["pre_initial"] = _flat(state["params"])
-  state, results["pre_loss"] = _train(config, trainer, plan,
+  state, results["pre_loss"] = _train(config, trainer, layout,
                                       shares("simmim", p, mask_cfg=mask_cfg), state)
   encoder = state["params"]["encoder"]
   results["pre_params"] = _flat(state["params"])
   results["encoder"] = _flat(encoder)
   # The encoder the pair saved, loaded as the job's fine-tuning does.
-  results["pair_encoder"] = _flat(train.finetune_init_params(config, workdir, num_classes, plan))
+  results["pair_encoder"] = _flat(train.finetune_init_params(config, workdir, num_classes, layout))
 
   # Fine-tuning from this process's own pretrained encoder (the head stays as initialised).
-  trainer = trainer_lib.make_trainer(config, trainer_lib.finetune_task(config, num_classes), plan)
+  trainer = trainer_lib.make_trainer(config, trainer_lib.finetune_task(config, num_classes), layout)
   state = trainer.init()
   params = jax.device_put(dict(state["params"], **encoder), trainer.state_shardings["params"])
   state = dict(state, params=params)
   results["initial"] = _flat(state["params"])
-  state, results["loss"] = _train(config, trainer, plan,
+  state, results["loss"] = _train(config, trainer, layout,
                                   shares("supervised", config.finetune), state)
   results["params"] = _flat(state["params"])
 
   # The pair's checkpoint, restored onto this process's 4 devices.
-  results["restored"] = _flat(train.load_eval_params(config, workdir, num_classes, plan)[0])
+  results["restored"] = _flat(train.load_eval_params(config, workdir, num_classes, layout)[0])
   # And the whole eval-only path of the main job on it.
   config.eval_only = True
   results["eval"] = json.dumps(train.run(config, workdir))

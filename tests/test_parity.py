@@ -2,7 +2,7 @@
 
 The fixtures (tests/fixtures/*.npz, written by tests/make_parity_fixtures.py, see the README
 there) hold randomised PyTorch weights in the timm, official and SimMIM key layouts, an input,
-and the reference logits / pooled features / per-stage maps computed in float64. No torch here.
+and the reference logits / pooled features / per-level maps computed in float64. No torch here.
 """
 
 import functools
@@ -21,15 +21,15 @@ from parity_fixtures import FIXTURES, abstract_model, config, fixture, layouts, 
 LOGIT_TOL = 1e-4  # max |logit difference| in float32
 # The random fixtures are ill-conditioned on purpose (4-channel LayerNorms with random scales,
 # logit scales up to the clamp at 100): torch's own float32 forward differs from its float64
-# one by up to 1.1e-4 on the pooled features and 9e-5 (relative) on the stage maps.
+# one by up to 1.1e-4 on the pooled features and 9e-5 (relative) on the level maps.
 POOLED_TOL = 5e-4
-FEATURE_RTOL = 3e-4  # per-stage maps: max |difference| relative to the map's max |value|
+FEATURE_RTOL = 3e-4  # per-level maps: max |difference| relative to the map's max |value|
 
 
 @nnx.jit
 def run(model, x):
-  """(logits, pooled features, per-stage maps) in one program."""
-  maps = model.stage_features(x)
+  """(logits, pooled features, per-level maps) in one program."""
+  maps = model.level_features(x)
   pooled = model.norm(maps[-1]).mean(axis=(1, 2))  # = model.features(x)
   return model(x), pooled, maps
 
@@ -59,13 +59,13 @@ def test_logits_match_timm(name, record_property):
 
 
 @pytest.mark.parametrize("name", FIXTURES)
-def test_stage_features_match_timm(name):
+def test_level_features_match_timm(name):
   _, _, maps = outputs(name)
   for i, ours in enumerate(maps):
     ref = fixture(name)[f"features_{i}"]
     assert ours.shape == ref.shape, (i, ours.shape, ref.shape)
     rel = float(np.abs(ours - ref).max() / np.abs(ref).max())
-    assert rel <= FEATURE_RTOL, f"stage {i}: relative error {rel:.3g}"
+    assert rel <= FEATURE_RTOL, f"level {i}: relative error {rel:.3g}"
 
 
 @pytest.mark.parametrize("name,layout", [(n, l) for n in FIXTURES for l in layouts(n)
@@ -86,8 +86,8 @@ def test_pretrained_window_sizes_change_the_output():
   cfg = config(name)
   assert any(p != 0 for p in cfg["pretrained_window_sizes"])
   # The position tables differ...
-  windows = [w for w in SwinTransformerV2._stage_windows(cfg["window_size"], 4)]
-  feats = win.stage_feature_sizes(win.to_pair(cfg["img_size"]), 4, 4)
+  windows = [w for w in SwinTransformerV2._level_windows(cfg["window_size"], 4)]
+  feats = win.level_feature_sizes(win.to_pair(cfg["img_size"]), 4, 4)
   for (size, window, pretrained) in zip(feats, windows, cfg["pretrained_window_sizes"]):
     clamped, _ = win.clamp_window(size, window, (0, 0))
     if pretrained != clamped[0]:
@@ -102,7 +102,7 @@ def test_pretrained_window_sizes_change_the_output():
 
 
 def test_image_size_off_the_grid_lists_working_sizes():
-  cfg = config("shift_clamp")  # patch 4, window 4, 4 stages: 64 works, 72 does not
+  cfg = config("shift_clamp")  # patch 4, window 4, 4 levels: 64 works, 72 does not
   with pytest.raises(ValueError, match="sizes that work") as info:
     abstract_model(cfg, img_size=72)
   message = str(info.value)

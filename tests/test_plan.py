@@ -32,7 +32,7 @@ _SCRIPT = textwrap.dedent("""
       c.pretrain.img_size, c.pretrain.window_size = 64, 4
       c.pretrain.batch_size, c.pretrain.accum_steps = 32, 2
       c.eval.batch_size = 16
-      c.mesh.zero_stage, c.plan.num_devices = 3, 8
+      c.mesh.zero, c.plan.num_devices = 3, 8
       c.plan.accelerator, c.plan.mfu = "h100", 0.5
       return c
 
@@ -98,13 +98,13 @@ def test_wall_time_estimate_follows_the_accelerator_and_mfu(plans):
 
 
 def test_zero3_shards_parameters_over_the_eight_devices(plans):
-  plan = plans["full"]["stages"]["finetune"]
-  whole = plan["params"] * 4  # float32 parameters
-  per_device = plan["per_device_bytes"]["params"]
+  fine = plans["full"]["stages"]["finetune"]
+  whole = fine["params"] * 4  # float32 parameters
+  per_device = fine["per_device_bytes"]["params"]
   # Norms, biases and the CPB MLPs stay replicated (too small to shard): a few percent more.
   assert whole / 8 <= per_device < 1.2 * whole / 8
   # AdamW's two moments, sharded alike.
-  assert per_device * 1.8 < plan["per_device_bytes"]["opt_state"] < per_device * 2.2
+  assert per_device * 1.8 < fine["per_device_bytes"]["opt_state"] < per_device * 2.2
 
 
 def test_remat_lowers_the_temporaries(plans):

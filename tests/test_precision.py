@@ -13,7 +13,7 @@ from swinv2_jax import trainer as trainer_lib
 
 
 def _tiny_config(dtype: str):
-  """The digits recipe with two model stages (32 px, windows 4): compiles in about a second."""
+  """The digits recipe with two model levels (32 px, windows 4): compiles in about a second."""
   c = load_config("digits.py", "tiny")
   c.model.embed_dim, c.model.depths, c.model.num_heads = 32, (2, 2), (1, 2)
   c.finetune.pretrained_window_sizes = 4
@@ -57,9 +57,9 @@ def test_bfloat16_forward_is_close_to_float32_and_returns_float32_logits():
   assert rms(want) > 0.5  # logits of a real scale: the relative bound means something
   assert 1e-4 * rms(want) < rms(got - want) <= 0.03 * rms(want), (rms(got - want), rms(want))
 
-  # The blocks really compute in bfloat16 (the stage outputs), while the logits are float32.
+  # The blocks really compute in bfloat16 (the level outputs), while the logits are float32.
   graphdef = nnx.split(nnx.eval_shape(lambda: trainer_lib.build_classifier(bf16, "eval", 10)))[0]
-  maps = jax.eval_shape(lambda p, x: nnx.merge(graphdef, p).stage_features(x), params, images)
+  maps = jax.eval_shape(lambda p, x: nnx.merge(graphdef, p).level_features(x), params, images)
   assert all(m.dtype == jnp.bfloat16 for m in maps)
 
 

@@ -1,8 +1,8 @@
-"""ZeRO stages on fake CPU devices, and the mesh / rule building blocks.
+"""ZeRO-0 to ZeRO-3 on fake CPU devices, and the mesh / rule building blocks.
 
 The multi-device cases run this file as a script in subprocesses (the device count is fixed
 when jax starts): each child builds the tiny digits model through `trainer_lib.make_trainer` at some
-ZeRO stages, measures the created state's shards, trains a few steps on fixed synthetic
+ZeRO settings, measures the created state's shards, trains a few steps on fixed synthetic
 batches and writes losses, parameters and byte counts to an .npz that the tests compare.
 """
 
@@ -22,18 +22,18 @@ from swinv2_jax import sharding
 
 STEPS = 3
 GLOBAL_BATCH = 16
-# Which ZeRO stages each device count trains (the 1-device run is the reference).
+# Which ZeRO settings each device count trains (the 1-device run is the reference).
 RUNS = {1: (0,), 2: (0,), 8: (1, 2, 3)}
 ACCUM_DEVICES = (1, 8)  # gradient accumulation vs one big step, on these device counts
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 # ---------------------------------------------------------------------------------------------
-# Child: one device count, several ZeRO stages.
+# Child: one device count, several ZeRO settings.
 # ---------------------------------------------------------------------------------------------
 def _tiny_config():
   c = load_config("digits.py", "tiny")
-  # One model stage of two blocks (a shifted window pair): compiles fastest on 2 cores.
+  # One model level of two blocks (a shifted window pair): compiles fastest on 2 cores.
   c.model.embed_dim, c.model.depths, c.model.num_heads = 16, (2,), (1,)
   c.finetune.pretrained_window_sizes = 4
   c.finetune.batch_size = GLOBAL_BATCH
@@ -61,7 +61,7 @@ def _total_bytes(tree) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def _child(num_devices: int, stages: tuple[int, ...], train_stages: tuple[int, ...], out: str):
+def _child(num_devices: int, zeros: tuple[int, ...], train_zeros: tuple[int, ...], out: str):
   from swinv2_jax import trainer as trainer_lib  # after XLA_FLAGS took effect (the parent set it)
 
   assert jax.device_count() == num_devices, jax.devices()
@@ -72,34 +72,34 @@ def _child(num_devices: int, stages: tuple[int, ...], train_stages: tuple[int, .
                   label=data.integers(0, 10, size=(GLOBAL_BATCH,)).astype(np.int32))
              for _ in range(STEPS)]
   results = {}
-  for stage in stages:
+  for zero in zeros:
     mesh = sharding.make_mesh(config.mesh.axes, config.mesh.shape)
     # min_sharded_size=0: the tiny model's leaves are all below the production threshold.
-    plan = sharding.Layout(mesh, zero_stage=stage, rules=config.mesh.rules,
+    layout = sharding.Layout(mesh, zero=zero, rules=config.mesh.rules,
                                  min_sharded_size=0)
-    trainer = trainer_lib.make_trainer(config, task, plan)
+    trainer = trainer_lib.make_trainer(config, task, layout)
     state = trainer.init()
     abstract, shardings = trainer.abstract_state, trainer.state_shardings
     for part in ("params", "opt_state"):
-      results[f"z{stage}/{part}/total"] = _total_bytes(abstract[part])
-      results[f"z{stage}/{part}/held"] = _state_bytes_per_device(state[part])
-      results[f"z{stage}/{part}/planned"] = sharding.per_device_bytes(abstract[part],
+      results[f"z{zero}/{part}/total"] = _total_bytes(abstract[part])
+      results[f"z{zero}/{part}/held"] = _state_bytes_per_device(state[part])
+      results[f"z{zero}/{part}/planned"] = sharding.per_device_bytes(abstract[part],
                                                                       shardings[part])
-    results[f"z{stage}/grads/planned"] = sharding.per_device_bytes(
-        abstract["params"], plan.grads(abstract["params"]))
-    if stage not in train_stages:
+    results[f"z{zero}/grads/planned"] = sharding.per_device_bytes(
+        abstract["params"], layout.grads(abstract["params"]))
+    if zero not in train_zeros:
       continue
-    rng = jax.jit(lambda: jax.random.key(1), out_shardings=plan.replicated())()
+    rng = jax.jit(lambda: jax.random.key(1), out_shardings=layout.replicated())()
     # The step exactly as the main job compiles it (ahead of time, under the mesh).
     step = trainer_lib.compile_step(trainer, trainer_lib.trainer_batch(config, trainer))
-    results[f"z{stage}/init_params"] = _flat(state["params"])
+    results[f"z{zero}/init_params"] = _flat(state["params"])
     losses = []
     for local in batches:
-      batch = sharding.global_microbatches(local, plan, trainer.accum_steps)
+      batch = sharding.global_microbatches(local, layout, trainer.accum_steps)
       state, metrics = step(state, batch, rng)
       losses.append(float(metrics["loss"]))
-    results[f"z{stage}/loss"] = np.array(losses)
-    results[f"z{stage}/params"] = _flat(state["params"])
+    results[f"z{zero}/loss"] = np.array(losses)
+    results[f"z{zero}/params"] = _flat(state["params"])
 
   if num_devices in ACCUM_DEVICES:
     results.update(_accumulation(config, num_devices))
@@ -112,7 +112,7 @@ def _child(num_devices: int, stages: tuple[int, ...], train_stages: tuple[int, .
     # The production threshold on a real model: SwinV2-T's abstract state (nothing allocated).
     from swinv2_jax import config as config_lib
     c = config_lib.base_config()
-    c.mesh.zero_stage, c.finetune.init = 3, "scratch"
+    c.mesh.zero, c.finetune.init = 3, "scratch"
     task = trainer_lib.finetune_task(c, 1000)
     trainer = trainer_lib.make_trainer(c, task, trainer_lib.make_layout(c))
     abstract, shardings = trainer.abstract_state, trainer.state_shardings
@@ -140,7 +140,7 @@ def _accumulation(config, num_devices: int) -> dict:
   for zero in (1, 3):
     for accum in (1, 4):
       mesh = sharding.make_mesh(config.mesh.axes, config.mesh.shape)
-      layout = sharding.Layout(mesh, zero_stage=zero, rules=config.mesh.rules,
+      layout = sharding.Layout(mesh, zero=zero, rules=config.mesh.rules,
                                min_sharded_size=0)
       trainer = trainer_lib.make_trainer(config, task, layout, accum_steps=accum)
       step = trainer_lib.compile_step(trainer, trainer_lib.trainer_batch(config, trainer))
@@ -216,11 +216,11 @@ def runs(tmp_path_factory):
   """{device count: npz contents}, from one child per device count run side by side."""
   out_dir = tmp_path_factory.mktemp("zero")
   children = {}
-  for n, train_stages in RUNS.items():
-    stages = (0, 1, 2, 3) if n == 8 else train_stages
+  for n, train_zeros in RUNS.items():
+    zeros = (0, 1, 2, 3) if n == 8 else train_zeros
     cmd = [sys.executable, os.path.abspath(__file__), "--devices", str(n),
-           "--stages", ",".join(map(str, stages)),
-           "--train-stages", ",".join(map(str, train_stages)),
+           "--zeros", ",".join(map(str, zeros)),
+           "--train-zeros", ",".join(map(str, train_zeros)),
            "--out", str(out_dir / f"{n}.npz")]
     children[n] = subprocess.Popen(cmd, env=child_env(n), stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True)
@@ -233,24 +233,24 @@ def runs(tmp_path_factory):
   return {n: dict(np.load(out_dir / f"{n}.npz")) for n in RUNS}
 
 
-def _ratio(run, key, stage):
+def _ratio(run, key, zero):
   """Bytes one device holds relative to an even split over 8 devices."""
-  return run[f"z{stage}/{key}/held"] / (run[f"z{stage}/{key}/total"] / 8)
+  return run[f"z{zero}/{key}/held"] / (run[f"z{zero}/{key}/total"] / 8)
 
 
-def test_zero_stages_hold_the_expected_share_per_device(runs):
+def test_each_zero_setting_holds_the_expected_share_per_device(runs):
   run = runs[8]
-  for stage in (0, 1, 2, 3):
-    for key in ("params", "opt_state"):  # the created arrays hold what the plan says
-      assert run[f"z{stage}/{key}/held"] == run[f"z{stage}/{key}/planned"], (stage, key)
+  for zero in (0, 1, 2, 3):
+    for key in ("params", "opt_state"):  # the created arrays hold what the layout says
+      assert run[f"z{zero}/{key}/held"] == run[f"z{zero}/{key}/planned"], (zero, key)
   both = lambda z: ((run[f"z{z}/params/held"] + run[f"z{z}/opt_state/held"]) /
                     ((run[f"z{z}/params/total"] + run[f"z{z}/opt_state/total"]) / 8))
   # ZeRO 0: everything whole on every device.
   assert _ratio(run, "params", 0) == 8 and _ratio(run, "opt_state", 0) == 8
   # ZeRO 1 and 2: the optimizer state split 8 ways, the parameters whole.
-  for stage in (1, 2):
-    assert _ratio(run, "params", stage) == 8
-    assert 1 <= _ratio(run, "opt_state", stage) <= 1.05, _ratio(run, "opt_state", stage)
+  for zero in (1, 2):
+    assert _ratio(run, "params", zero) == 8
+    assert 1 <= _ratio(run, "opt_state", zero) <= 1.05, _ratio(run, "opt_state", zero)
   # ZeRO 2 also plans the gradients split; ZeRO 3 the parameters as well.
   assert run["z1/grads/planned"] == run["z1/params/total"]
   assert run["z2/grads/planned"] <= 1.05 * run["z2/params/total"] / 8
@@ -260,17 +260,17 @@ def test_zero_stages_hold_the_expected_share_per_device(runs):
   assert 1 <= real <= 1.05, real
 
 
-def test_training_is_identical_at_every_stage_and_device_count(runs):
+def test_training_is_identical_at_every_zero_and_device_count(runs):
   reference = runs[1]
   assert np.all(np.isfinite(reference["z0/loss"]))
   assert np.ptp(reference["z0/params"]) > 0
-  for n, stages in RUNS.items():
-    for stage in stages:
+  for n, zeros in RUNS.items():
+    for zero in zeros:
       got = runs[n]
-      np.testing.assert_allclose(got[f"z{stage}/loss"], reference["z0/loss"], rtol=0, atol=1e-5,
-                                 err_msg=f"loss, {n} devices, ZeRO {stage}")
-      np.testing.assert_allclose(got[f"z{stage}/params"], reference["z0/params"], rtol=0,
-                                 atol=1e-5, err_msg=f"params, {n} devices, ZeRO {stage}")
+      np.testing.assert_allclose(got[f"z{zero}/loss"], reference["z0/loss"], rtol=0, atol=1e-5,
+                                 err_msg=f"loss, {n} devices, ZeRO {zero}")
+      np.testing.assert_allclose(got[f"z{zero}/params"], reference["z0/params"], rtol=0,
+                                 atol=1e-5, err_msg=f"params, {n} devices, ZeRO {zero}")
   # The steps moved the parameters well beyond the tolerance, so the comparison has teeth.
   assert np.max(np.abs(reference["z0/params"] - reference["z0/init_params"])) > 1e-3
 
@@ -368,7 +368,7 @@ def test_a_parameter_rule_also_shards_that_parameters_adam_moments():
   import optax
   mesh = sharding.make_mesh(("data",), (-1,))
   rules = [(r"head\.kernel", (None, "data")), (r".*", "replicate")]
-  layout = sharding.Layout(mesh, zero_stage=1, rules=rules)
+  layout = sharding.Layout(mesh, zero=1, rules=rules)
   params = {"head": {"kernel": jax.ShapeDtypeStruct((64, 10), np.float32),
                      "bias": jax.ShapeDtypeStruct((10,), np.float32)},
             "stem": {"kernel": jax.ShapeDtypeStruct((64, 64), np.float32)}}
@@ -385,9 +385,9 @@ def test_a_parameter_rule_also_shards_that_parameters_adam_moments():
 if __name__ == "__main__":
   parser = argparse.ArgumentParser()
   parser.add_argument("--devices", type=int, required=True)
-  parser.add_argument("--stages", required=True)
-  parser.add_argument("--train-stages", required=True)
+  parser.add_argument("--zeros", required=True)
+  parser.add_argument("--train-zeros", required=True)
   parser.add_argument("--out", required=True)
   args = parser.parse_args()
-  _child(args.devices, tuple(int(s) for s in args.stages.split(",")),
-         tuple(int(s) for s in args.train_stages.split(",")), args.out)
+  _child(args.devices, tuple(int(s) for s in args.zeros.split(",")),
+         tuple(int(s) for s in args.train_zeros.split(",")), args.out)

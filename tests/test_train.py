@@ -27,7 +27,7 @@ def data_dir(tmp_path_factory):
 
 
 def tiny_config(data_dir, steps=8):
-  """Two model stages (stride 8), 32 px digits: compiles in seconds."""
+  """Two model levels (stride 8), 32 px digits: compiles in seconds."""
   c = load_config("digits.py", "tiny")
   c.data.data_dir = data_dir
   c.model.embed_dim, c.model.depths, c.model.num_heads = 16, (2, 2), (1, 2)
@@ -231,7 +231,7 @@ def test_batch_arithmetic_is_checked_before_anything_is_written(data_dir, tmp_pa
 
 
 @pytest.mark.parametrize("key,value,message", [
-    ("mesh.zero_stage", 5, "config.mesh.zero_stage: must be 0, 1, 2 or 3"),
+    ("mesh.zero", 5, "config.mesh.zero: must be 0, 1, 2 or 3"),
     ("model.dtype", "int8", "config.model.dtype: one of"),
     ("model.remat", "sometimes", "config.model.remat: 'sometimes' is not one of"),
     ("pretrain.mask_ratio", 1.5, "config.pretrain.mask_ratio"),
@@ -281,26 +281,26 @@ def test_layer_decay_ids_match_the_official_mapping():
   model = nnx.eval_shape(lambda: SwinTransformerV2(img_size=64, embed_dim=16, depths=depths,
                                                    num_heads=(1, 2, 4, 8), window_size=4))
   params = nnx.to_pure_dict(nnx.state(model))
-  ids = optim.layer_ids(params, depths, [s.blocks_per_group for s in model.stages])
+  ids = optim.layer_ids(params, depths, [s.blocks_per_group for s in model.levels])
   for s, depth in enumerate(depths):
     for k in range(depth):  # block k of stage s: group k // 2, position k % 2
-      got = ids["stages"][s]["groups"]["blocks"][k % 2]["attn"]["qkv"]["kernel"][k // 2]
+      got = ids["levels"][s]["groups"]["blocks"][k % 2]["attn"]["qkv"]["kernel"][k // 2]
       assert got == _official_layer_id(f"layers.{s}.blocks.{k}.attn.qkv.weight", depths)
     if s < 3:
-      assert ids["stages"][s]["downsample"]["reduction"]["kernel"] == _official_layer_id(
+      assert ids["levels"][s]["downsample"]["reduction"]["kernel"] == _official_layer_id(
           f"layers.{s}.downsample.reduction.weight", depths)
   assert ids["patch_embed"]["proj"]["kernel"] == 0
   assert ids["head"]["kernel"] == ids["norm"]["scale"] == 13
   scales = optim.layer_scales(params, depths, [2, 2, 2, 2], 0.75)
   np.testing.assert_allclose(scales["patch_embed"]["proj"]["kernel"], 0.75**13)
-  assert scales["stages"][2]["groups"]["blocks"][1]["mlp"]["fc1"]["kernel"].shape == (3, 1, 1)
+  assert scales["levels"][2]["groups"]["blocks"][1]["mlp"]["fc1"]["kernel"].shape == (3, 1, 1)
 
 
 def test_weight_decay_exemptions():
   model = nnx.eval_shape(lambda: SwinTransformerV2(img_size=64, embed_dim=16, depths=(2, 2),
                                                    num_heads=(1, 2), window_size=4))
   mask = optim.weight_decay_mask(nnx.to_pure_dict(nnx.state(model)))
-  attn = mask["stages"][0]["groups"]["blocks"][0]["attn"]
+  attn = mask["levels"][0]["groups"]["blocks"][0]["attn"]
   assert attn["qkv"]["kernel"] and attn["proj"]["kernel"] and mask["head"]["kernel"]
   assert not attn["cpb_mlp"]["fc1"]["kernel"] and not attn["cpb_mlp"]["fc2"]["kernel"]
   assert not attn["logit_scale"] and not attn["q_bias"] and not attn["proj"]["bias"]

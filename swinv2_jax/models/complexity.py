@@ -44,21 +44,21 @@ def count_macs(name_or_args: str | dict, **overrides) -> int:
   args = {**defaults, **_model_args(name_or_args, overrides)}
   img = win.to_pair(args["img_size"])
   patch, dim, depths = args["patch_size"], args["embed_dim"], args["depths"]
-  windows = swinv2.SwinTransformerV2._stage_windows(args["window_size"], len(depths))
-  feat_sizes = win.stage_feature_sizes(img, patch, len(depths))
+  windows = swinv2.SwinTransformerV2._level_windows(args["window_size"], len(depths))
+  feat_sizes = win.level_feature_sizes(img, patch, len(depths))
   h0, w0 = feat_sizes[0]
   macs = h0 * w0 * dim * args["in_chans"] * patch * patch + h0 * w0 * dim  # stem conv + norm
   for i, depth in enumerate(depths):
-    (h, w), stage_dim = feat_sizes[i], dim * 2**i
+    (h, w), level_dim = feat_sizes[i], dim * 2**i
     window, _ = win.clamp_window((h, w), windows[i], (0, 0))
     tokens = window[0] * window[1]
     num_windows = (h // window[0]) * (w // window[1])
-    block = (2 * stage_dim * h * w  # norm1, norm2
-             + num_windows * _attention_macs(tokens, stage_dim, args["num_heads"][i])
-             + int(2 * h * w * stage_dim * stage_dim * args["mlp_ratio"]))
+    block = (2 * level_dim * h * w  # norm1, norm2
+             + num_windows * _attention_macs(tokens, level_dim, args["num_heads"][i])
+             + int(2 * h * w * level_dim * level_dim * args["mlp_ratio"]))
     macs += depth * block
     if i < len(depths) - 1:  # PatchMerging: reduction + norm, as the official count
-      macs += (h // 2) * (w // 2) * 4 * stage_dim * 2 * stage_dim + h * w * stage_dim // 2
+      macs += (h // 2) * (w // 2) * 4 * level_dim * 2 * level_dim + h * w * level_dim // 2
   features = dim * 2**(len(depths) - 1)
   h_last, w_last = feat_sizes[-1]
   macs += features * h_last * w_last + features * args["num_classes"]

@@ -204,7 +204,7 @@ class SwinV2Block(nnx.Module):
     self.window, self.shift = win.clamp_window(feat_size, window, shift)
     num_windows = (feat_size[0] // self.window[0]) * (feat_size[1] // self.window[1])
     # A piece holds at least one window, so one setting serves a fine-tune and its smaller
-    # pretraining resolution (G: 9 pieces of stage 3 at 1536, one window at 192).
+    # pretraining resolution (G: 9 pieces of level 3 at 1536, one window at 192).
     attention_chunks = min(attention_chunks, num_windows)
     if num_windows % attention_chunks:
       raise ValueError(

@@ -20,7 +20,7 @@ _GIANT = dict(embed_dim=512, depths=(2, 2, 42, 4), num_heads=(16, 32, 64, 128),
 # ImageNet-22K pretrained checkpoints classify 21,841 classes (timm's default for them).
 _IN22K_CLASSES = 21841
 # Fine-tunes from 192/w12 keep the position-table normalisation of the pretraining windows;
-# stage 4 of a 192 input is 6x6, so its pretrained window was 6.
+# level 4 of a 192 input is 6x6, so its pretrained window was 6.
 _FROM_W12 = (12, 12, 12, 6)
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -49,7 +49,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "swinv2_giant_window12_192": dict(_GIANT, img_size=192, window_size=12),
     "swinv2_giant_window40_640": dict(_GIANT, img_size=640, window_size=40,
                                       pretrained_window_sizes=_FROM_W12),
-    # 1536 / w32 (the paper's COCO resolution): stage 4 is 48x48, not a multiple of 32, so it
+    # 1536 / w32 (the paper's COCO resolution): level 4 is 48x48, not a multiple of 32, so it
     # takes four 24x24 windows (docs/design.md, "The window grids at high resolution"); one 48x48
     # window would need 47 GiB per device on 8 devices instead of 32 (docs/memory_plan.md).
     "swinv2_giant_window32_1536": dict(_GIANT, img_size=1536, window_size=(32, 32, 32, 24),

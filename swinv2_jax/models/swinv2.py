@@ -1,9 +1,11 @@
 """The Swin Transformer V2 backbone and classifier (Liu et al., CVPR 2022).
 
-Layout follows the official code: a patch embedding, four stages of blocks, a PatchMerging at
-the end of stages 0..2, a final LayerNorm, average pooling and a linear head.
+Layout follows the official code: a patch embedding, four levels of blocks (the paper's
+"stages" 1-4, `levels[0..3]` here: in this codebase a "stage" is a training stage, pretrain /
+finetune / eval), a PatchMerging at the end of levels 0..2, a final LayerNorm, average pooling
+and a linear head.
 
-Inside a stage the blocks are stored stacked, in groups that repeat exactly (a plain block
+Inside a level the blocks are stored stacked, in groups that repeat exactly (a plain block
 followed by a shifted one; for H/G six blocks and the extra norm of paper section 3.6), and
 run with `jax.lax.scan`, so compile time and program size stay flat with depth.
 """
@@ -31,13 +33,13 @@ REMAT_POLICIES = {
 }
 
 
-def per_stage(value, num_stages: int, name: str) -> list:
-  """Broadcasts a scalar setting to every stage, or checks a per-stage sequence's length."""
+def per_level(value, num_levels: int, name: str) -> list:
+  """Broadcasts a scalar setting to every level, or checks a per-level sequence's length."""
   if isinstance(value, (str, int, float, np.integer)):
-    return [value] * num_stages
+    return [value] * num_levels
   value = list(value)
-  if len(value) != num_stages:
-    raise ValueError(f"{name} needs one value per stage ({num_stages}), got {value}")
+  if len(value) != num_levels:
+    raise ValueError(f"{name} needs one value per level ({num_levels}), got {value}")
   return value
 
 
@@ -80,8 +82,8 @@ def _checkpointed(fn, remat: str):
   return jax.checkpoint(fn, policy=policy, prevent_cse=False)
 
 
-class SwinV2Stage(nnx.Module):
-  """One stage: `depth` blocks at one resolution, then (stages 0..2) a PatchMerging."""
+class SwinV2Level(nnx.Module):
+  """One level: `depth` blocks at one resolution, then (levels 0..2) a PatchMerging."""
 
   def __init__(self, dim: int, depth: int, num_heads: int, feat_size: win.Pair,
                window: win.Pair, pretrained_window: win.Pair, *, drop_path_rates: Sequence[float],
@@ -138,8 +140,8 @@ class SwinV2Stage(nnx.Module):
 class SwinTransformerV2(nnx.Module):
   """Swin Transformer V2 classifier over NHWC float images.
 
-  Per-stage settings (`window_size`, `pretrained_window_sizes`, `attention_chunks`, `remat`)
-  take one value for all stages or one per stage; a window may be an int or an (h, w) pair.
+  Per-level settings (`window_size`, `pretrained_window_sizes`, `attention_chunks`, `remat`)
+  take one value for all levels or one per level; a window may be an int or an (h, w) pair.
   `pretrained_window_sizes` of 0 means "normalise the position table by this window".
   """
 
@@ -155,7 +157,7 @@ class SwinTransformerV2(nnx.Module):
       raise ValueError(f"depths {tuple(depths)} and num_heads {tuple(num_heads)} differ in length")
     if extra_norm_period % 2:
       raise ValueError(f"extra_norm_period must be even (0 disables), got {extra_norm_period}")
-    num_stages = len(depths)
+    num_levels = len(depths)
     self.img_size = win.to_pair(img_size)
     self.patch_size = patch_size
     self.num_classes = num_classes
@@ -163,57 +165,57 @@ class SwinTransformerV2(nnx.Module):
     self.dtype = dtype
     self.drop_path_rate = float(drop_path_rate)
     self.deterministic = False
-    windows = self._stage_windows(window_size, num_stages)
-    pretrained = [win.to_pair(w) for w in per_stage(pretrained_window_sizes, num_stages,
+    windows = self._level_windows(window_size, num_levels)
+    pretrained = [win.to_pair(w) for w in per_level(pretrained_window_sizes, num_levels,
                                                      "pretrained_window_sizes")]
-    chunks = per_stage(attention_chunks, num_stages, "attention_chunks")
-    remats = per_stage(remat, num_stages, "remat")
-    feat_sizes = win.stage_feature_sizes(self.img_size, patch_size, num_stages)
+    chunks = per_level(attention_chunks, num_levels, "attention_chunks")
+    remats = per_level(remat, num_levels, "remat")
+    feat_sizes = win.level_feature_sizes(self.img_size, patch_size, num_levels)
     win.check_input_size(self.img_size, patch_size, windows)
-    self.stage_windows = tuple(windows)
+    self.level_windows = tuple(windows)
 
     self.patch_embed = layers.PatchEmbed(patch_size, in_chans, embed_dim, dtype=dtype, rngs=rngs)
     # Stochastic depth: linspace(0, rate, all blocks), as the official code.
     rates = np.linspace(0.0, drop_path_rate, sum(self.depths))
-    stages = []
+    levels = []
     for i, depth in enumerate(self.depths):
       start = sum(self.depths[:i])
-      stages.append(SwinV2Stage(
+      levels.append(SwinV2Level(
           embed_dim * 2**i, depth, num_heads[i], feat_sizes[i], windows[i], pretrained[i],
-          drop_path_rates=rates[start:start + depth], downsample=i < num_stages - 1,
+          drop_path_rates=rates[start:start + depth], downsample=i < num_levels - 1,
           extra_norm_period=extra_norm_period, mlp_ratio=mlp_ratio,
           attention_chunks=int(chunks[i]), remat=str(remats[i]), dtype=dtype, rngs=rngs))
-    self.stages = nnx.List(stages)
-    self.num_features = embed_dim * 2**(num_stages - 1)
+    self.levels = nnx.List(levels)
+    self.num_features = embed_dim * 2**(num_levels - 1)
     self.norm = layers.LayerNorm(self.num_features, dtype=dtype)
     self.head = (layers.dense(self.num_features, num_classes, dtype=dtype, rngs=rngs)
                  if num_classes > 0 else None)
 
   @staticmethod
-  def _stage_windows(window_size, num_stages: int) -> list[win.Pair]:
-    """A window setting: int, (h, w) pair for all stages, or one int/pair per stage."""
+  def _level_windows(window_size, num_levels: int) -> list[win.Pair]:
+    """A window setting: int, (h, w) pair for all levels, or one int/pair per level."""
     if isinstance(window_size, int):
-      return [win.to_pair(window_size)] * num_stages
+      return [win.to_pair(window_size)] * num_levels
     window_size = list(window_size)
-    if len(window_size) == num_stages:
+    if len(window_size) == num_levels:
       return [win.to_pair(w) for w in window_size]
     if len(window_size) == 2 and all(isinstance(w, int) for w in window_size):
-      return [win.to_pair(window_size)] * num_stages
-    raise ValueError(f"window_size must be an int, an (h, w) pair or one per stage "
-                     f"({num_stages}), got {window_size}")
+      return [win.to_pair(window_size)] * num_levels
+    raise ValueError(f"window_size must be an int, an (h, w) pair or one per level "
+                     f"({num_levels}), got {window_size}")
 
-  def _stage_keys(self, rng):
+  def _level_keys(self, rng):
     if rng is None or self.deterministic or self.drop_path_rate == 0.0:
-      return [None] * len(self.stages)
-    return list(jax.random.split(rng, len(self.stages)))
+      return [None] * len(self.levels)
+    return list(jax.random.split(rng, len(self.levels)))
 
   def _check_input(self, x):
     if x.ndim != 4 or tuple(x.shape[1:3]) != self.img_size:
       raise ValueError(f"expected NHWC images of size {self.img_size}, got shape {x.shape}; "
                        f"build the model with img_size={tuple(x.shape[1:3])} to run at that size")
 
-  def stage_features(self, x, *, rng=None, token_mask=None, mask_token=None):
-    """Per-stage maps [(B, H/4, W/4, C), (B, H/8, W/8, 2C), ...]: each stage's block output
+  def level_features(self, x, *, rng=None, token_mask=None, mask_token=None):
+    """Per-level maps [(B, H/4, W/4, C), (B, H/8, W/8, 2C), ...]: each level's block output
     before its PatchMerging; the last one is followed by `norm` in `features`.
 
     `token_mask` (B, H/4, W/4) in {0, 1} replaces masked tokens by `mask_token` (SimMIM).
@@ -225,16 +227,16 @@ class SwinTransformerV2(nnx.Module):
       weight = token_mask[..., None].astype(x.dtype)
       x = x * (1 - weight) + mask_token.astype(x.dtype) * weight
     maps = []
-    for stage, key in zip(self.stages, self._stage_keys(rng)):
-      x = stage.run_blocks(x, key)
+    for level, key in zip(self.levels, self._level_keys(rng)):
+      x = level.run_blocks(x, key)
       maps.append(x)
-      if stage.downsample is not None:
-        x = stage.downsample(x)
+      if level.downsample is not None:
+        x = level.downsample(x)
     return maps
 
   def features(self, x, *, rng=None):
     """Final pooled features (B, num_features), after the last LayerNorm."""
-    return self.norm(self.stage_features(x, rng=rng)[-1]).mean(axis=(1, 2))
+    return self.norm(self.level_features(x, rng=rng)[-1]).mean(axis=(1, 2))
 
   def __call__(self, x, *, rng=None):
     """Logits (B, num_classes) in float32 (pooled features when num_classes == 0)."""

@@ -117,20 +117,20 @@ def shift_attention_mask(region_ids):
   """Additive mask (..., N, N) from region ids (..., N): -100 between different regions.
 
   Computed in the graph, where XLA fuses it into the logits: as a constant the (nW, N, N)
-  float32 mask of SwinV2-G at 1536 px would be 576 MiB in stage 1 alone.
+  float32 mask of SwinV2-G at 1536 px would be 576 MiB in level 1 alone.
   """
   ids = jnp.asarray(region_ids)
   different = ids[..., :, None] != ids[..., None, :]
   return jnp.where(different, SHIFT_MASK_VALUE, 0.0).astype(jnp.float32)
 
 
-def stage_feature_sizes(img_size: Pair, patch_size: int, num_stages: int) -> list[Pair]:
+def level_feature_sizes(img_size: Pair, patch_size: int, num_levels: int) -> list[Pair]:
   h, w = img_size[0] // patch_size, img_size[1] // patch_size
-  return [(h // 2**i, w // 2**i) for i in range(num_stages)]
+  return [(h // 2**i, w // 2**i) for i in range(num_levels)]
 
 
 def _axis_fits(size: int, patch_size: int, windows: Sequence[int]) -> bool:
-  """Whether one image side gives whole patches, even merges and whole windows in every stage."""
+  """Whether one image side gives whole patches, even merges and whole windows in every level."""
   if size % patch_size:
     return False
   r = size // patch_size

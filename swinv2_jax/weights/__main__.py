@@ -37,9 +37,9 @@ def _define_flags():
   flags.DEFINE_integer("num_classes", None, "Classes of the head (0: no head). Preset default "
                        "if unset.")
   flags.DEFINE_string("img_size", None, "Input size: '256' or 'H,W'.")
-  flags.DEFINE_string("window_size", None, "Window: '16', 'h,w', or one per stage "
+  flags.DEFINE_string("window_size", None, "Window: '16', 'h,w', or one per level "
                       "'32,32,32,48'.")
-  flags.DEFINE_string("pretrained_window_sizes", None, "Per-stage pretraining windows, e.g. "
+  flags.DEFINE_string("pretrained_window_sizes", None, "Per-level pretraining windows, e.g. "
                       "'12,12,12,6'.")
   flags.DEFINE_string("overrides", None, "Further constructor arguments as a JSON object, e.g. "
                       "'{\"embed_dim\": 32}'.")
@@ -77,7 +77,7 @@ def main(argv):
   print(f"parameters: {count:,}")
   print(f"converted {flag_values.checkpoint} -> {path} ({config['model']}, "
         f"overrides {json.dumps(config['overrides'], sort_keys=True)}, {count / 1e6:.2f}M params, "
-        f"img_size {model.img_size}, windows {list(model.stage_windows)}, "
+        f"img_size {model.img_size}, windows {list(model.level_windows)}, "
         f"num_classes {model.num_classes}{', head dropped' if flag_values.drop_head else ''})")
 
 

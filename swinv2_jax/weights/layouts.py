@@ -1,8 +1,8 @@
 """The key layouts of PyTorch Swin V2 state dicts, and renaming between them.
 
 - official (microsoft/Swin-Transformer `models/swin_transformer_v2.py`): `layers.{i}.blocks.{k}`,
-  the PatchMerging of stage i at the END of stage i (`layers.{i}.downsample`), `head.weight`;
-- timm (`timm.models.swin_transformer_v2`): the PatchMerging at the START of the next stage
+  the PatchMerging of level i at the END of level i (`layers.{i}.downsample`), `head.weight`;
+- timm (`timm.models.swin_transformer_v2`): the PatchMerging at the START of the next level
   (timm `layers.{i+1}.downsample` == official `layers.{i}.downsample`), `head.fc.weight`;
 - simmim (official `models/simmim.py`): everything under `encoder.`, the legacy `rpe_mlp` name
   for `cpb_mlp`, `encoder.mask_token`, the decoder `decoder.0.{weight,bias}`.
@@ -36,13 +36,13 @@ def detect_layout(state: Mapping[str, Any]) -> str:
   names = list(state)
   if any(n.startswith("encoder.") for n in names):
     return "simmim"
-  downsample_stages = {int(m.group(1)) for n in names if (m := _DOWNSAMPLE.match(n))}
-  if downsample_stages:
-    # Official: merging ends stages 0..n-2; timm: it starts stages 1..n-1.
-    return "official" if 0 in downsample_stages else "timm"
+  downsample_levels = {int(m.group(1)) for n in names if (m := _DOWNSAMPLE.match(n))}
+  if downsample_levels:
+    # Official: merging ends levels 0..n-2; timm: it starts levels 1..n-1.
+    return "official" if 0 in downsample_levels else "timm"
   if any(n.startswith("head.fc.") for n in names):
     return "timm"
-  return "official"  # one stage and no head: both layouts coincide
+  return "official"  # one level and no head: both layouts coincide
 
 
 def _renumber_downsample(name: str, offset: int) -> str:

@@ -90,15 +90,15 @@ def _backbone_entries(backbone, flat_params, prefix: tuple = ()) -> list[_Entry]
     value = variable.get_value()
     shape, dtype = tuple(value.shape), value.dtype
     leaf = rel[-1]
-    if rel[0] == "stages" and rel[2] in ("groups", "tail"):
-      # stages.{i}.groups.{blocks.{j}|extra_norm}...: group g's block j is torch block
-      # g * per_group + j; stages.{i}.tail.blocks.{j} follows the last group.
-      stage_idx = int(rel[1])
-      stage = backbone.stages[stage_idx]
-      per_group, num_groups = int(stage.blocks_per_group), int(stage.num_groups)
+    if rel[0] == "levels" and rel[2] in ("groups", "tail"):
+      # levels.{i}.groups.{blocks.{j}|extra_norm}...: group g's block j is torch block
+      # g * per_group + j; levels.{i}.tail.blocks.{j} follows the last group.
+      level_idx = int(rel[1])
+      level = backbone.levels[level_idx]
+      per_group, num_groups = int(level.blocks_per_group), int(level.num_groups)
       if rel[2] == "groups" and rel[3] == "extra_norm":
         suffix, transform = _leaf_suffix([], leaf, shape[1:])
-        names = [f"layers.{stage_idx}.blocks.{g * per_group + per_group - 1}.norm3{suffix}"
+        names = [f"layers.{level_idx}.blocks.{g * per_group + per_group - 1}.norm3{suffix}"
                  for g in range(num_groups)]
         entries.append(_Entry(tuple(path), shape, dtype, names, transform, stacked=True))
         continue
@@ -108,10 +108,10 @@ def _backbone_entries(backbone, flat_params, prefix: tuple = ()) -> list[_Entry]
       else:
         block_ids = [num_groups * per_group + int(rel[4])]
       suffix, transform = _leaf_suffix(rel[5:-1], leaf, shape[1:] if stacked else shape)
-      names = [f"layers.{stage_idx}.blocks.{k}{suffix}" for k in block_ids]
+      names = [f"layers.{level_idx}.blocks.{k}{suffix}" for k in block_ids]
       entries.append(_Entry(tuple(path), shape, dtype, names, transform, stacked))
       continue
-    modules = ["layers" if (i == 0 and p == "stages") else p for i, p in enumerate(rel[:-1])]
+    modules = ["layers" if (i == 0 and p == "levels") else p for i, p in enumerate(rel[:-1])]
     name, transform = _leaf_to_torch(modules, leaf, shape)
     entries.append(_Entry(tuple(path), shape, dtype, [name], transform, stacked=False))
   return entries

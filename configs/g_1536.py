@@ -52,8 +52,10 @@ def get_config(arg: str = ""):
   f.log_every, f.checkpoint_every = 50, 1000
   c.eval.batch_size = 64
 
-  # The smallest mesh on which the 1536 fine-tune fits 40 GB (docs/memory_plan.md), with
-  # gradient accumulation up to the recipe's global batches: fine-tune 576 = 72 x 1 x 8.
+  # The smallest mesh on which the 1536 fine-tune fits 40 GiB (docs/memory_plan.md), with
+  # gradient accumulation up to the recipe's global batches. Pretraining: 'auto' picks 12 x 96
+  # images per device (35.2 GiB in the CPU plan). Fine-tuning: 576 = 72 x 1 x 8 (23.6 GiB);
+  # 'auto' would pick 36 x 2 (36.9 GiB), too close to 40 for a GPU runtime's own workspace.
   c.mesh.zero = 3
   p.accum_steps = "auto"
   f.accum_steps = 72

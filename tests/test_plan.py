@@ -169,7 +169,8 @@ def test_dry_run_refuses_a_backend_started_with_other_devices():
 
 @pytest.mark.slow
 def test_giant_1536_fits_40_gb_on_eight_devices(tmp_path):
-  """The real G-1536 plan (minutes and ~11 GB of RAM to compile): `-m slow` only."""
+  """The real G-1536 plan, both stages and eval as shipped (about 5 minutes and 2 GB of RAM on
+  two cores): `-m slow` only."""
   env = {k: v for k, v in os.environ.items()
          if k not in ("XLA_FLAGS", "JAX_PLATFORMS", "JAX_NUM_CPU_DEVICES")}
   result = subprocess.run(
@@ -177,11 +178,18 @@ def test_giant_1536_fits_40_gb_on_eight_devices(tmp_path):
        f"--workdir={tmp_path}", "--config.dry_run=True"],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
   assert result.returncode == 0, result.stderr[-3000:]
-  stages = json.loads((tmp_path / "plan.json").read_text())["stages"]
+  plan = json.loads((tmp_path / "plan.json").read_text())
+  stages = plan["stages"]
   assert list(stages) == ["pretrain", "finetune", "eval"]
+  assert plan["fits"] and plan["plan_s"] < 600
   for name, entry in stages.items():
     assert entry["per_device_bytes"]["total"] <= 40 * 2**30, (name, entry["per_device_bytes"])
   fine = stages["finetune"]
   assert fine["params"] == 3_001_940_680
   assert (fine["global_batch"], stages["pretrain"]["global_batch"]) == (576, 9216)
   assert fine["per_device_bytes"]["params"] == pytest.approx(fine["params"] * 4 / 8, rel=0.05)
+  # Pretraining's accum_steps='auto': the largest microbatch that fits; fine-tuning's 72 x 1.
+  pre = stages["pretrain"]
+  assert pre["accum_steps"] * pre["microbatch_per_device"] * 8 == 9216
+  assert pre["microbatch_per_device"] > 1
+  assert (fine["accum_steps"], fine["microbatch_per_device"]) == (72, 1)

@@ -16,27 +16,27 @@ from swinv2_jax.data import randaugment, sources, transforms
 MASK = dict(mask_patch_size=32, model_patch_size=4, mask_ratio=0.6)
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def digits_cfg(tmp_path_factory):
-  cfg = data.default_data_config('digits')
-  cfg.data_dir = str(tmp_path_factory.mktemp('tfds'))
+  cfg = data.default_data_config("digits")
+  cfg.data_dir = str(tmp_path_factory.mktemp("tfds"))
   return cfg
 
 
 def _id_folder(root, num_images):
   """Folder data set whose image i is a flat gray of value 10 * (i + 1): pixels identify records."""
-  for split in ('train', 'val'):
+  for split in ("train", "val"):
     for i in range(num_images):
-      class_dir = root / split / f'class_{i % 2}'
+      class_dir = root / split / f"class_{i % 2}"
       class_dir.mkdir(parents=True, exist_ok=True)
-      Image.new('RGB', (12, 10), (10 * (i + 1),) * 3).save(class_dir / f'{i:03d}.png')
+      Image.new("RGB", (12, 10), (10 * (i + 1),) * 3).save(class_dir / f"{i:03d}.png")
 
 
 def _identity_cfg(root):
   """No randomness that changes pixel values: full-image crop, no flip/RandAugment/erasing."""
-  cfg = data.default_data_config('folder')
+  cfg = data.default_data_config("folder")
   cfg.folder = str(root)
-  cfg.randaugment, cfg.reprob, cfg.hflip = '', 0.0, False
+  cfg.randaugment, cfg.reprob, cfg.hflip = "", 0.0, False
   cfg.rrc_scale, cfg.rrc_ratio = (1.0, 1.0), (12 / 10, 12 / 10)
   return cfg
 
@@ -67,16 +67,16 @@ def test_digits_prepares_with_stratified_disjoint_splits(digits_cfg):
   from sklearn.datasets import load_digits
   assert data.dataset_info(digits_cfg) == (10, 1437, 360)
   builder = sources.tfds_builder(digits_cfg)
-  assert builder.info.file_format.value == 'array_record'
+  assert builder.info.file_format.value == "array_record"
   split_images, split_labels = {}, {}
-  for split in ('train', 'test'):
+  for split in ("train", "test"):
     src = builder.as_data_source(split=split)
-    split_images[split] = [src[i]['image'] for i in range(len(src))]
-    split_labels[split] = np.array([src[i]['label'] for i in range(len(src))])
-  assert split_images['test'][0].shape == (8, 8, 1) and split_images['test'][0].dtype == np.uint8
+    split_images[split] = [src[i]["image"] for i in range(len(src))]
+    split_labels[split] = np.array([src[i]["label"] for i in range(len(src))])
+  assert split_images["test"][0].shape == (8, 8, 1) and split_images["test"][0].dtype == np.uint8
   # stratified: each class's test share is its exact proportional quota, rounded
-  per_class = np.bincount(split_labels['test'], minlength=10)
-  total = per_class + np.bincount(split_labels['train'], minlength=10)
+  per_class = np.bincount(split_labels["test"], minlength=10)
+  total = per_class + np.bincount(split_labels["train"], minlength=10)
   assert np.all(np.abs(per_class - total * 360 / 1797) < 1)
   # train + test is exactly the sklearn set (as a multiset), so the splits are disjoint.
   ours = sorted(im.tobytes() + bytes([l]) for s in split_images
@@ -87,39 +87,39 @@ def test_digits_prepares_with_stratified_disjoint_splits(digits_cfg):
 
 
 def test_supervised_batches_have_the_contracted_shapes(digits_cfg):
-  it = data.build_train_iterator(digits_cfg, kind='supervised', image_size=(32, 40),
+  it = data.build_train_iterator(digits_cfg, kind="supervised", image_size=(32, 40),
                                  global_batch_size=8, seed=0, process_index=0, process_count=1)
   batch = next(it)
-  assert batch['image'].shape == (8, 32, 40, 3) and batch['image'].dtype == np.float32
-  assert batch['label'].shape == (8,) and batch['label'].dtype == np.int32
-  assert np.all((batch['label'] >= 0) & (batch['label'] < 10))
-  assert batch['image'].min() < -1.5 and batch['image'].max() > 1.5  # normalised, not [0, 1]
+  assert batch["image"].shape == (8, 32, 40, 3) and batch["image"].dtype == np.float32
+  assert batch["label"].shape == (8,) and batch["label"].dtype == np.int32
+  assert np.all((batch["label"] >= 0) & (batch["label"] < 10))
+  assert batch["image"].min() < -1.5 and batch["image"].max() > 1.5  # normalised, not [0, 1]
   # grayscale digits become 3 equal channels (checked without erasing's per-channel noise and
   # RandAugment's ImageNet-mean fill colour)
   cfg = digits_cfg.copy_and_resolve_references()
-  cfg.reprob, cfg.randaugment = 0.0, ''
-  image = next(data.build_train_iterator(cfg, kind='supervised', image_size=16, global_batch_size=4,
-                                         seed=0, process_index=0, process_count=1))['image']
+  cfg.reprob, cfg.randaugment = 0.0, ""
+  image = next(data.build_train_iterator(cfg, kind="supervised", image_size=16, global_batch_size=4,
+                                         seed=0, process_index=0, process_count=1))["image"]
   rgb = image * np.array(cfg.std, np.float32) + np.array(cfg.mean, np.float32)
   np.testing.assert_allclose(rgb[..., 0], rgb[..., 1], atol=1e-5)
   np.testing.assert_allclose(rgb[..., 0], rgb[..., 2], atol=1e-5)
-  with pytest.raises(ValueError, match='multiple of the process count'):
-    data.build_train_iterator(digits_cfg, kind='supervised', image_size=32, global_batch_size=9,
+  with pytest.raises(ValueError, match="multiple of the process count"):
+    data.build_train_iterator(digits_cfg, kind="supervised", image_size=32, global_batch_size=9,
                               seed=0, process_index=0, process_count=2)
 
 
 def test_simmim_batches_and_mask_validation(digits_cfg):
-  it = data.build_train_iterator(digits_cfg, kind='simmim', image_size=64, global_batch_size=4,
+  it = data.build_train_iterator(digits_cfg, kind="simmim", image_size=64, global_batch_size=4,
                                  seed=0, mask_cfg=MASK, process_index=0, process_count=1)
   batch = next(it)
-  assert batch['image'].shape == (4, 64, 64, 3) and batch['image'].dtype == np.float32
-  assert batch['mask'].shape == (4, 16, 16) and batch['mask'].dtype == np.int32
-  np.testing.assert_array_equal(batch['mask'].sum((1, 2)), np.full(4, 3 * 64))
-  with pytest.raises(ValueError, match='mask_patch_size'):
-    data.build_train_iterator(digits_cfg, kind='simmim', image_size=48, global_batch_size=4,
+  assert batch["image"].shape == (4, 64, 64, 3) and batch["image"].dtype == np.float32
+  assert batch["mask"].shape == (4, 16, 16) and batch["mask"].dtype == np.int32
+  np.testing.assert_array_equal(batch["mask"].sum((1, 2)), np.full(4, 3 * 64))
+  with pytest.raises(ValueError, match="mask_patch_size"):
+    data.build_train_iterator(digits_cfg, kind="simmim", image_size=48, global_batch_size=4,
                               seed=0, mask_cfg=MASK, process_index=0, process_count=1)
-  with pytest.raises(ValueError, match='model_patch_size'):
-    data.build_train_iterator(digits_cfg, kind='simmim', image_size=64, global_batch_size=4, seed=0,
+  with pytest.raises(ValueError, match="model_patch_size"):
+    data.build_train_iterator(digits_cfg, kind="simmim", image_size=64, global_batch_size=4, seed=0,
                               mask_cfg=dict(MASK, model_patch_size=5), process_index=0,
                               process_count=1)
 
@@ -131,14 +131,14 @@ def test_simmim_batches_and_mask_validation(digits_cfg):
 
 def test_same_seed_same_stream_different_seed_different(digits_cfg):
   def stream(seed):
-    return _take(data.build_train_iterator(digits_cfg, kind='supervised', image_size=16,
+    return _take(data.build_train_iterator(digits_cfg, kind="supervised", image_size=16,
                                            global_batch_size=8, seed=seed, process_index=0,
                                            process_count=1), 3)
   a, b, c = stream(0), stream(0), stream(1)
   _assert_same(a, b)
-  assert not np.array_equal(a[0]['image'], c[0]['image'])
-  assert not np.array_equal(np.concatenate([x['label'] for x in a]),
-                            np.concatenate([x['label'] for x in c]))
+  assert not np.array_equal(a[0]["image"], c[0]["image"])
+  assert not np.array_equal(np.concatenate([x["label"] for x in a]),
+                            np.concatenate([x["label"] for x in c]))
 
 
 def test_process_shares_are_disjoint_and_epochs_reshuffled(tmp_path):
@@ -146,23 +146,23 @@ def test_process_shares_are_disjoint_and_epochs_reshuffled(tmp_path):
   cfg = _identity_cfg(tmp_path)
   ids = {}
   for p in (0, 1):
-    it = data.build_train_iterator(cfg, kind='supervised', image_size=8, global_batch_size=10,
+    it = data.build_train_iterator(cfg, kind="supervised", image_size=8, global_batch_size=10,
                                    seed=3, process_index=p, process_count=2)
     batches = _take(it, 4)  # per-process batch 5, shard of 10: two epochs
-    assert all(b['image'].shape == (5, 8, 8, 3) for b in batches)
-    ids[p] = _ids(np.concatenate([b['image'] for b in batches]), cfg)
+    assert all(b["image"].shape == (5, 8, 8, 3) for b in batches)
+    ids[p] = _ids(np.concatenate([b["image"] for b in batches]), cfg)
   record_ids = np.array(list(range(0, 20, 2)) + list(range(1, 20, 2)))  # files sorted by class
   for p in (0, 1):
     # each epoch is a permutation of this process's shard (records p, p+2, ...)
     np.testing.assert_array_equal(np.sort(ids[p][:10]), np.sort(record_ids[p::2]))
     np.testing.assert_array_equal(np.sort(ids[p][10:]), np.sort(record_ids[p::2]))
-    assert not np.array_equal(ids[p][:10], ids[p][10:]), 'epoch 2 must be reshuffled'
+    assert not np.array_equal(ids[p][:10], ids[p][10:]), "epoch 2 must be reshuffled"
   assert not set(ids[0]) & set(ids[1])
 
 
 def test_restored_iterator_continues_exactly(digits_cfg):
   def build():
-    return data.build_train_iterator(digits_cfg, kind='supervised', image_size=16,
+    return data.build_train_iterator(digits_cfg, kind="supervised", image_size=16,
                                      global_batch_size=64, seed=7, process_index=1, process_count=2)
   # 719 examples per shard / 32 = 22.5 batches per epoch: the restore point (k=23) is in epoch 2.
   reference = _take(build(), 26)
@@ -175,7 +175,7 @@ def test_restored_iterator_continues_exactly(digits_cfg):
 
 
 def test_worker_processes_give_the_in_process_stream_and_restore(digits_cfg):
-  kwargs = dict(kind='simmim', image_size=32, global_batch_size=4, seed=5,
+  kwargs = dict(kind="simmim", image_size=32, global_batch_size=4, seed=5,
                 mask_cfg=dict(MASK, mask_patch_size=16), process_index=0, process_count=1)
   reference = _take(data.build_train_iterator(digits_cfg, **kwargs), 6)
   cfg = digits_cfg.copy_and_resolve_references()
@@ -210,12 +210,12 @@ def test_eval_covers_every_example_once_with_padding_flagged(tmp_path):
     lengths.add(len(batches))
     assert len(batches) == len(ev) == 3  # ceil(ceil(21 / 2) / 4): the same on both processes
     for b in batches:
-      assert b['image'].shape == (4, 8, 8, 3) and b['valid'].dtype == np.bool_
-      seen += list(_ids(b['image'][b['valid']], cfg))
-      assert np.all(b['image'][~b['valid']] == 0)
+      assert b["image"].shape == (4, 8, 8, 3) and b["valid"].dtype == np.bool_
+      seen += list(_ids(b["image"][b["valid"]], cfg))
+      assert np.all(b["image"][~b["valid"]] == 0)
     # 11 examples on process 0, 10 on process 1
-    assert batches[-1]['valid'].sum() == (3 if p == 0 else 2) and not batches[-1]['valid'][-1]
-    assert list(batches[0]['valid']) == [True] * 4
+    assert batches[-1]["valid"].sum() == (3 if p == 0 else 2) and not batches[-1]["valid"][-1]
+    assert list(batches[0]["valid"]) == [True] * 4
   assert sorted(seen) == list(range(21))
 
 
@@ -224,8 +224,8 @@ def test_eval_digits_is_deterministic_and_padded(digits_cfg):
                                 process_index=0, process_count=1)
   first, second = list(ev), list(ev)
   _assert_same(first, second)
-  assert len(first) == 4 and sum(int(b['valid'].sum()) for b in first) == 360
-  assert first[-1]['valid'].sum() == 60
+  assert len(first) == 4 and sum(int(b["valid"].sum()) for b in first) == 360
+  assert first[-1]["valid"].sum() == 60
 
 
 def test_eval_resize_then_center_crop():
@@ -272,7 +272,7 @@ def _flat_batch(batch=6, size=16):
   return images, jnp.arange(batch) % 4
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def mixed():
   """Mixup/CutMix (timm defaults, no smoothing) for 48 keys with prob 1, and 8 with prob 0.
 
@@ -301,7 +301,7 @@ def test_mixup_blends_images_and_targets_with_one_lambda(mixed):
     assert np.isclose(o[0, 0, 0, 0], l * 1.0 + (1 - l) * 6.0, atol=1e-5)  # example 0 with 5
     np.testing.assert_allclose(o, l * images + (1 - l) * images[::-1], atol=1e-5)
     np.testing.assert_allclose(t, l * one_hot + (1 - l) * one_hot[::-1], atol=1e-6)
-  assert np.unique(lam[~use_cutmix].round(4)).size == (~use_cutmix).sum(), 'lambda varies with key'
+  assert np.unique(lam[~use_cutmix].round(4)).size == (~use_cutmix).sum(), "lambda varies with key"
 
 
 def test_cutmix_box_is_inside_and_lambda_matches_pasted_area(mixed):
@@ -344,44 +344,44 @@ def test_no_mixing_gives_smoothed_one_hot():
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize('name', sorted(randaugment.OPS))
+@pytest.mark.parametrize("name", sorted(randaugment.OPS))
 def test_randaugment_op_keeps_shape_and_changes_image(name):
   rng = np.random.default_rng(0)
   pixels = rng.integers(60, 250, size=(24, 20, 3), dtype=np.uint8)
   pixels[:, :10] //= 2  # some structure, so geometric ops move something
   img = Image.fromarray(pixels)
-  ctx = {'fill': (124, 116, 104), 'resample': Image.Resampling.BICUBIC}
+  ctx = {"fill": (124, 116, 104), "resample": Image.Resampling.BICUBIC}
   out = randaugment.OPS[name](img, 9.0, rng, ctx)
-  assert out.size == img.size and out.mode == 'RGB'
+  assert out.size == img.size and out.mode == "RGB"
   assert not np.array_equal(np.asarray(out), pixels)
 
 
-@pytest.mark.parametrize('magnitude', [0.0, 10.0])
+@pytest.mark.parametrize("magnitude", [0.0, 10.0])
 def test_randaugment_ops_accept_the_magnitude_extremes(magnitude):
   img = Image.fromarray(np.random.default_rng(2).integers(0, 255, (9, 11, 3), dtype=np.uint8))
-  ctx = {'fill': (124, 116, 104), 'resample': Image.Resampling.BICUBIC}
+  ctx = {"fill": (124, 116, 104), "resample": Image.Resampling.BICUBIC}
   for name, op in randaugment.OPS.items():
     out = op(img, magnitude, np.random.default_rng(0), ctx)
-    assert out.size == img.size and out.mode == 'RGB', name
-  black = randaugment.OPS['PosterizeIncreasing'](img, 10.0, None, ctx)
+    assert out.size == img.size and out.mode == "RGB", name
+  black = randaugment.OPS["PosterizeIncreasing"](img, 10.0, None, ctx)
   assert np.asarray(black).max() == 0  # 0 bits kept
 
 
 def test_randaugment_string_and_full_transform():
-  ra = data.RandAugment.from_string('rand-m9-mstd0.5-inc1')
+  ra = data.RandAugment.from_string("rand-m9-mstd0.5-inc1")
   assert (ra.magnitude, ra.magnitude_std, ra.num_ops) == (9.0, 0.5, 2)
   assert ra.increasing and ra.prob == 0.5
-  assert data.RandAugment.from_string('rand-n3-m5-mstd101').magnitude_std == math.inf
+  assert data.RandAugment.from_string("rand-n3-m5-mstd101").magnitude_std == math.inf
   img = Image.fromarray(np.random.default_rng(1).integers(0, 255, (16, 16, 3), dtype=np.uint8))
-  ra_always = data.RandAugment.from_string('rand-m9-mstd0.5-inc1-p1.0')
+  ra_always = data.RandAugment.from_string("rand-m9-mstd0.5-inc1-p1.0")
   changed = 0
   for seed in range(10):
     out = ra_always(img, np.random.default_rng(seed))
-    assert out.size == img.size and out.mode == 'RGB'
+    assert out.size == img.size and out.mode == "RGB"
     changed += not np.array_equal(np.asarray(out), np.asarray(img))
   assert changed >= 9
-  with pytest.raises(ValueError, match='^data.randaugment:'):
-    data.RandAugment.from_string('rand-m9-x3')
+  with pytest.raises(ValueError, match="^data.randaugment:"):
+    data.RandAugment.from_string("rand-m9-x3")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -390,63 +390,63 @@ def test_randaugment_string_and_full_transform():
 
 
 def test_unprepared_tfds_dataset_says_how_to_prepare(tmp_path):
-  cfg = data.default_data_config('imagenet2012')
-  cfg.data_dir = str(tmp_path / 'tfds')
-  cfg.manual_dir = str(tmp_path / 'manual')
+  cfg = data.default_data_config("imagenet2012")
+  cfg.data_dir = str(tmp_path / "tfds")
+  cfg.manual_dir = str(tmp_path / "manual")
   with pytest.raises(data.DatasetNotFoundError) as err:
-    data.build_train_iterator(cfg, kind='supervised', image_size=32, global_batch_size=8, seed=0,
+    data.build_train_iterator(cfg, kind="supervised", image_size=32, global_batch_size=8, seed=0,
                               process_index=0, process_count=1)
   msg = str(err.value)
   assert (f'tfds build imagenet2012 --file_format=array_record --data_dir={tmp_path / "tfds"} '
           f'--manual_dir={tmp_path / "manual"}') in msg
-  assert 'ILSVRC2012_img_train.tar' in msg and '\n' not in msg
-  cfg.name = 'no_such_dataset_xyz'
-  with pytest.raises(data.DatasetNotFoundError, match='^data.name:'):
+  assert "ILSVRC2012_img_train.tar" in msg and "\n" not in msg
+  cfg.name = "no_such_dataset_xyz"
+  with pytest.raises(data.DatasetNotFoundError, match="^data.name:"):
     data.dataset_info(cfg)
 
 
 def test_folder_eval_fraction_splits_each_class(tmp_path):
-  for c in ('cat', 'dog'):
+  for c in ("cat", "dog"):
     (tmp_path / c).mkdir()
     for i in range(8):
-      Image.new('RGB', (6, 6), (i, 0, 0)).save(tmp_path / c / f'{i}.jpg')
-  cfg = data.default_data_config('folder')
+      Image.new("RGB", (6, 6), (i, 0, 0)).save(tmp_path / c / f"{i}.jpg")
+  cfg = data.default_data_config("folder")
   cfg.folder, cfg.folder_eval_fraction = str(tmp_path), 0.25
   assert data.dataset_info(cfg) == (2, 12, 4)
-  train, _ = sources.open_split(cfg, 'train')
-  evals, _ = sources.open_split(cfg, 'eval')
+  train, _ = sources.open_split(cfg, "train")
+  evals, _ = sources.open_split(cfg, "eval")
   assert not set(train.files) & set(evals.files)
   assert sorted(evals.labels) == [0, 0, 1, 1]  # 2 of 8 per class; labels = sorted folder names
-  assert all(('dog' in f) == (l == 1) for f, l in zip(train.files, train.labels))
+  assert all(("dog" in f) == (l == 1) for f, l in zip(train.files, train.labels))
 
 
 def test_missing_folder_says_where_files_go(tmp_path):
-  cfg = data.default_data_config('folder')
-  cfg.folder = str(tmp_path / 'nowhere')
-  with pytest.raises(data.DatasetNotFoundError, match='<split>/<class>/<image>'):
+  cfg = data.default_data_config("folder")
+  cfg.folder = str(tmp_path / "nowhere")
+  with pytest.raises(data.DatasetNotFoundError, match="<split>/<class>/<image>"):
     data.dataset_info(cfg)
 
 
-@pytest.mark.parametrize('key,value', [
-    ('reprob', 1.5), ('rrc_scale', (0.9, 0.1)), ('interpolation', 'cubic'), ('num_workers', -1),
-    ('randaugment', 'rand-q9'), ('mean', (0.5, 0.5)), ('mixup_switch_prob', 2.0),
-    ('label_smoothing', 1.0), ('eval_crop_ratio', 0.0),
+@pytest.mark.parametrize("key,value", [
+    ("reprob", 1.5), ("rrc_scale", (0.9, 0.1)), ("interpolation", "cubic"), ("num_workers", -1),
+    ("randaugment", "rand-q9"), ("mean", (0.5, 0.5)), ("mixup_switch_prob", 2.0),
+    ("label_smoothing", 1.0), ("eval_crop_ratio", 0.0),
 ])
 def test_bad_config_value_names_the_key(key, value):
   cfg = data.default_data_config()
   cfg[key] = value
-  with pytest.raises(ValueError, match=f'^data.{key}: '):
+  with pytest.raises(ValueError, match=f"^data.{key}: "):
     data.validate_data_config(cfg)
 
 
 def test_config_rejects_unknown_keys_and_flipped_digits():
   data.validate_data_config(data.default_data_config())
-  data.validate_data_config(data.default_data_config('digits'))
+  data.validate_data_config(data.default_data_config("digits"))
   cfg = data.default_data_config()
   cfg.hflp = False
-  with pytest.raises(ValueError, match='^data.hflp: unknown key'):
+  with pytest.raises(ValueError, match="^data.hflp: unknown key"):
     data.validate_data_config(cfg)
-  cfg = data.default_data_config('digits')
+  cfg = data.default_data_config("digits")
   cfg.hflip = True
-  with pytest.raises(ValueError, match='^data.hflip: '):
+  with pytest.raises(ValueError, match="^data.hflip: "):
     data.validate_data_config(cfg)

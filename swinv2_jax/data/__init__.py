@@ -14,8 +14,8 @@ from swinv2_jax.data.sources import DatasetInfo, DatasetNotFoundError, dataset_i
 from swinv2_jax.data.transforms import simmim_mask
 
 __all__ = [
-    'DatasetInfo', 'DatasetNotFoundError', 'EvalIterable', 'RandAugment', 'apply_mixup_cutmix',
-    'build_eval_iterator',
-    'build_train_dataset', 'build_train_iterator', 'dataset_info', 'default_data_config',
-    'mixup_cutmix', 'mixup_cutmix_params', 'simmim_mask', 'smooth_one_hot', 'validate_data_config',
+    "DatasetInfo", "DatasetNotFoundError", "EvalIterable", "RandAugment", "apply_mixup_cutmix",
+    "build_eval_iterator",
+    "build_train_dataset", "build_train_iterator", "dataset_info", "default_data_config",
+    "mixup_cutmix", "mixup_cutmix_params", "simmim_mask", "smooth_one_hot", "validate_data_config",
 ]

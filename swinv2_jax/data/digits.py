@@ -28,7 +28,7 @@ def stratified_test_indices(labels: np.ndarray, num_test: int,
   exact = counts * num_test / len(labels)
   quota = np.floor(exact).astype(int)
   short = num_test - quota.sum()
-  quota[np.argsort(-(exact - quota), kind='stable')[:short]] += 1
+  quota[np.argsort(-(exact - quota), kind="stable")[:short]] += 1
   rng = np.random.default_rng(seed)
   picked = [rng.permutation(np.flatnonzero(labels == c))[:q] for c, q in zip(classes, quota)]
   return np.sort(np.concatenate(picked))
@@ -37,25 +37,25 @@ def stratified_test_indices(labels: np.ndarray, num_test: int,
 def _png(image_8x8: np.ndarray) -> bytes:
   pixels = np.round(image_8x8 * (255.0 / 16.0)).astype(np.uint8)
   buf = io.BytesIO()
-  Image.fromarray(pixels, mode='L').save(buf, format='PNG')
+  Image.fromarray(pixels, mode="L").save(buf, format="PNG")
   return buf.getvalue()
 
 
 class Digits(tfds.core.GeneratorBasedBuilder):
   """scikit-learn's handwritten digits (8x8, 10 classes) with a fixed stratified test split."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
-        description='Handwritten digits from sklearn.datasets.load_digits, scaled to 0..255.',
+        description="Handwritten digits from sklearn.datasets.load_digits, scaled to 0..255.",
         features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(shape=(8, 8, 1), dtype=np.uint8, encoding_format='png'),
-            'label': tfds.features.ClassLabel(num_classes=10),
+            "image": tfds.features.Image(shape=(8, 8, 1), dtype=np.uint8, encoding_format="png"),
+            "label": tfds.features.ClassLabel(num_classes=10),
         }),
-        supervised_keys=('image', 'label'),
-        homepage='https://archive.ics.uci.edu/dataset/80',
+        supervised_keys=("image", "label"),
+        homepage="https://archive.ics.uci.edu/dataset/80",
     )
 
   def _split_generators(self, dl_manager):
@@ -66,11 +66,11 @@ class Digits(tfds.core.GeneratorBasedBuilder):
     test = stratified_test_indices(labels, NUM_TEST)
     train = np.setdiff1d(np.arange(len(labels)), test)
     return {
-        'train': self._generate_examples(digits.images, labels, train),
-        'test': self._generate_examples(digits.images, labels, test),
+        "train": self._generate_examples(digits.images, labels, train),
+        "test": self._generate_examples(digits.images, labels, test),
     }
 
   def _generate_examples(self, images, labels, indices):
     for i in indices:
       # Key = index in load_digits, so an example can be traced back to its source.
-      yield int(i), {'image': _png(images[i]), 'label': int(labels[i])}
+      yield int(i), {"image": _png(images[i]), "label": int(labels[i])}

@@ -28,7 +28,7 @@ def mixup_cutmix_params(key, image_hw, *, mixup_alpha: float, cutmix_alpha: floa
   elif mixup_alpha > 0 or cutmix_alpha > 0:
     use_cutmix = jnp.bool_(cutmix_alpha > 0)
   else:
-    raise ValueError('mixup_cutmix_params: mixup_alpha or cutmix_alpha must be > 0')
+    raise ValueError("mixup_cutmix_params: mixup_alpha or cutmix_alpha must be > 0")
   # One beta draw whose alpha depends on the mode: a single sampler to compile (it is slow to).
   alpha = jnp.where(use_cutmix, jnp.float32(cutmix_alpha), jnp.float32(mixup_alpha))
   lam_mix = jax.random.beta(k_lam, alpha, alpha)

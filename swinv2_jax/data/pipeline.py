@@ -32,14 +32,14 @@ def _process(process_index, process_count):
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index {process_index} is not in [0, {process_count})')
+    raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
   return process_index, process_count
 
 
 def _per_process_batch(global_batch_size, process_count):
   if global_batch_size <= 0 or global_batch_size % process_count:
-    raise ValueError(f'global_batch_size {global_batch_size} must be a positive multiple of the '
-                     f'process count {process_count}')
+    raise ValueError(f"global_batch_size {global_batch_size} must be a positive multiple of the "
+                     f"process count {process_count}")
   return global_batch_size // process_count
 
 
@@ -50,7 +50,7 @@ def _derived_seed(*parts) -> int:
 
 def _crop_and_flip(element, rng: np.random.Generator, t) -> Image.Image:
   """RandomResizedCrop then an optional horizontal flip: the start of both train transforms."""
-  img = transforms.to_rgb_pil(element['image'])
+  img = transforms.to_rgb_pil(element["image"])
   img = transforms.random_resized_crop(rng, img, t.size_hw, t.scale, t.ratio, t.interpolation)
   if t.hflip and rng.random() < 0.5:
     img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -75,7 +75,7 @@ class SupervisedTrainTransform(grain.transforms.RandomMap):
     if self.randaugment is not None:
       img = self.randaugment(img, rng)
     x = transforms.random_erase(rng, transforms.normalize(img, self.mean, self.std), self.reprob)
-    return {'image': x, 'label': np.int32(element['label'])}
+    return {"image": x, "label": np.int32(element["label"])}
 
 
 class SimMIMTrainTransform(grain.transforms.RandomMap):
@@ -86,9 +86,9 @@ class SimMIMTrainTransform(grain.transforms.RandomMap):
     self.scale, self.ratio = tuple(cfg.simmim_rrc_scale), tuple(cfg.rrc_ratio)
     self.interpolation, self.hflip = cfg.simmim_interpolation, cfg.hflip
     self.mean, self.std = tuple(cfg.mean), tuple(cfg.std)
-    self.mask_patch_size = int(mask_cfg['mask_patch_size'])
-    self.model_patch_size = int(mask_cfg['model_patch_size'])
-    self.mask_ratio = float(mask_cfg['mask_ratio'])
+    self.mask_patch_size = int(mask_cfg["mask_patch_size"])
+    self.model_patch_size = int(mask_cfg["model_patch_size"])
+    self.mask_ratio = float(mask_cfg["mask_ratio"])
     transforms.check_mask_config(*size_hw, self.mask_patch_size, self.model_patch_size,
                                  self.mask_ratio)
 
@@ -96,7 +96,7 @@ class SimMIMTrainTransform(grain.transforms.RandomMap):
     img = _crop_and_flip(element, rng, self)
     mask = transforms.simmim_mask(rng, self.size_hw, self.mask_patch_size, self.model_patch_size,
                                   self.mask_ratio)
-    return {'image': transforms.normalize(img, self.mean, self.std), 'mask': mask}
+    return {"image": transforms.normalize(img, self.mean, self.std), "mask": mask}
 
 
 def _to_iter(ds: grain.MapDataset, cfg) -> grain.IterDataset:
@@ -119,20 +119,20 @@ def build_train_dataset(data_cfg, *, kind: str, image_size, global_batch_size: i
   size_hw = _size_hw(image_size)
   process_index, process_count = _process(process_index, process_count)
   batch_size = _per_process_batch(global_batch_size, process_count)
-  if kind == 'supervised':
+  if kind == "supervised":
     transform = SupervisedTrainTransform(data_cfg, size_hw)
-  elif kind == 'simmim':
+  elif kind == "simmim":
     if mask_cfg is None:
       raise ValueError('mask_cfg: needed for kind="simmim" '
-                       '(mask_patch_size, model_patch_size, mask_ratio)')
+                       "(mask_patch_size, model_patch_size, mask_ratio)")
     transform = SimMIMTrainTransform(data_cfg, size_hw, mask_cfg)
   else:
     raise ValueError(f'kind: must be "supervised" or "simmim", got {kind!r}')
-  records, _ = open_split(data_cfg, 'train')
+  records, _ = open_split(data_cfg, "train")
   shard = grain.MapDataset.source(records)[process_index::process_count]
   if len(shard) == 0:
     raise ValueError(
-        f'data.train_split: {len(records)} examples cannot feed {process_count} processes')
+        f"data.train_split: {len(records)} examples cannot feed {process_count} processes")
   shuffle_seed = seed if data_cfg.shuffle_seed is None else data_cfg.shuffle_seed
   ds = shard.shuffle(seed=_derived_seed(1, shuffle_seed, process_index)).repeat()
   ds = ds.random_map(transform, seed=_derived_seed(2, seed, process_index))
@@ -167,8 +167,8 @@ class _EvalShard:
   def __getitem__(self, index):
     if index < self.num_real:
       example = self.records[self.start + index * self.step]
-      return {'image': example['image'], 'label': example['label'], 'valid': True}
-    return {'image': None, 'label': 0, 'valid': False}
+      return {"image": example["image"], "label": example["label"], "valid": True}
+    return {"image": None, "label": 0, "valid": False}
 
 
 class EvalTransform(grain.transforms.Map):
@@ -180,15 +180,15 @@ class EvalTransform(grain.transforms.Map):
     self.mean, self.std = tuple(cfg.mean), tuple(cfg.std)
 
   def map(self, element):
-    if not element['valid']:
+    if not element["valid"]:
       image = np.zeros((*self.size_hw, 3), np.float32)
     else:
       img = transforms.resize_center_crop(
-          transforms.to_rgb_pil(element['image']), self.size_hw, self.crop_ratio,
+          transforms.to_rgb_pil(element["image"]), self.size_hw, self.crop_ratio,
           self.interpolation)
       image = transforms.normalize(img, self.mean, self.std)
-    return {'image': image, 'label': np.int32(element['label']),
-            'valid': np.bool_(element['valid'])}
+    return {"image": image, "label": np.int32(element["label"]),
+            "valid": np.bool_(element["valid"])}
 
 
 class EvalIterable:
@@ -215,7 +215,7 @@ def build_eval_iterator(data_cfg, *, image_size, global_batch_size: int,
   size_hw = _size_hw(image_size)
   process_index, process_count = _process(process_index, process_count)
   batch_size = _per_process_batch(global_batch_size, process_count)
-  records, _ = open_split(data_cfg, 'eval')
+  records, _ = open_split(data_cfg, "eval")
   num_batches = math.ceil(math.ceil(len(records) / process_count) / batch_size)
   shard = _EvalShard(records, process_index, process_count, num_batches * batch_size)
   ds = grain.MapDataset.source(shard).map(EvalTransform(data_cfg, size_hw)).batch(batch_size)

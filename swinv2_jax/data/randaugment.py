@@ -23,13 +23,13 @@ def _signed(rng, v):
 
 
 def _affine(img, coeffs, ctx):
-  return img.transform(img.size, Image.Transform.AFFINE, coeffs, resample=ctx['resample'],
-                       fillcolor=ctx['fill'])
+  return img.transform(img.size, Image.Transform.AFFINE, coeffs, resample=ctx["resample"],
+                       fillcolor=ctx["fill"])
 
 
 def _rotate(img, m, rng, ctx):
   degrees = _signed(rng, m / _MAX_LEVEL * 30.0)
-  return img.rotate(degrees, resample=ctx['resample'], fillcolor=ctx['fill'])
+  return img.rotate(degrees, resample=ctx["resample"], fillcolor=ctx["fill"])
 
 
 def _shear_x(img, m, rng, ctx):
@@ -109,33 +109,33 @@ def _no_magnitude(fn):
 
 
 OPS = {
-    'AutoContrast': _no_magnitude(ImageOps.autocontrast),
-    'Equalize': _no_magnitude(ImageOps.equalize),
-    'Invert': _no_magnitude(ImageOps.invert),
-    'Rotate': _rotate,
-    'PosterizeIncreasing': _posterize_increasing,
-    'SolarizeIncreasing': _solarize_increasing,
-    'SolarizeAdd': _solarize_add,
-    'ColorIncreasing': _enhancer(ImageEnhance.Color),
-    'ContrastIncreasing': _enhancer(ImageEnhance.Contrast),
-    'BrightnessIncreasing': _enhancer(ImageEnhance.Brightness),
-    'SharpnessIncreasing': _enhancer(ImageEnhance.Sharpness),
-    'ShearX': _shear_x,
-    'ShearY': _shear_y,
-    'TranslateXRel': _translate_x_rel,
-    'TranslateYRel': _translate_y_rel,
+    "AutoContrast": _no_magnitude(ImageOps.autocontrast),
+    "Equalize": _no_magnitude(ImageOps.equalize),
+    "Invert": _no_magnitude(ImageOps.invert),
+    "Rotate": _rotate,
+    "PosterizeIncreasing": _posterize_increasing,
+    "SolarizeIncreasing": _solarize_increasing,
+    "SolarizeAdd": _solarize_add,
+    "ColorIncreasing": _enhancer(ImageEnhance.Color),
+    "ContrastIncreasing": _enhancer(ImageEnhance.Contrast),
+    "BrightnessIncreasing": _enhancer(ImageEnhance.Brightness),
+    "SharpnessIncreasing": _enhancer(ImageEnhance.Sharpness),
+    "ShearX": _shear_x,
+    "ShearY": _shear_y,
+    "TranslateXRel": _translate_x_rel,
+    "TranslateYRel": _translate_y_rel,
 }
 INCREASING_OPS = tuple(OPS)
 OPS.update({
-    'Posterize': _posterize_original,
-    'Solarize': _solarize_original,
-    'Color': _enhancer_original(ImageEnhance.Color),
-    'Contrast': _enhancer_original(ImageEnhance.Contrast),
-    'Brightness': _enhancer_original(ImageEnhance.Brightness),
-    'Sharpness': _enhancer_original(ImageEnhance.Sharpness),
+    "Posterize": _posterize_original,
+    "Solarize": _solarize_original,
+    "Color": _enhancer_original(ImageEnhance.Color),
+    "Contrast": _enhancer_original(ImageEnhance.Contrast),
+    "Brightness": _enhancer_original(ImageEnhance.Brightness),
+    "Sharpness": _enhancer_original(ImageEnhance.Sharpness),
 })
 # timm's default set (inc0): same ops, with the original level maps for these seven.
-ORIGINAL_OPS = tuple(n.replace('Increasing', '') for n in INCREASING_OPS)
+ORIGINAL_OPS = tuple(n.replace("Increasing", "") for n in INCREASING_OPS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,33 +150,33 @@ class RandAugment:
   increasing: bool = False  # timm's default is the original set; the Swin recipe asks for inc1
 
   @classmethod
-  def from_string(cls, spec: str, **kwargs) -> 'RandAugment':
-    parts = spec.split('-')
-    if parts[0] != 'rand':
+  def from_string(cls, spec: str, **kwargs) -> "RandAugment":
+    parts = spec.split("-")
+    if parts[0] != "rand":
       raise ValueError(f'data.randaugment: must start with "rand-", got {spec!r}')
     fields = {}
     for part in parts[1:]:
-      match = re.fullmatch(r'([a-z]+)([0-9.]+)', part)
+      match = re.fullmatch(r"([a-z]+)([0-9.]+)", part)
       if not match:
-        raise ValueError(f'data.randaugment: cannot parse {part!r} in {spec!r}')
+        raise ValueError(f"data.randaugment: cannot parse {part!r} in {spec!r}")
       key, val = match.groups()
       try:
-        if key == 'm':
-          fields['magnitude'] = float(val)
-        elif key == 'n':
-          fields['num_ops'] = int(val)
-        elif key == 'mstd':
-          fields['magnitude_std'] = math.inf if float(val) > 100 else float(val)
-        elif key == 'mmax':
-          fields['magnitude_max'] = float(val)
-        elif key == 'p':
-          fields['prob'] = float(val)
-        elif key == 'inc' and val in ('0', '1'):
-          fields['increasing'] = val == '1'
+        if key == "m":
+          fields["magnitude"] = float(val)
+        elif key == "n":
+          fields["num_ops"] = int(val)
+        elif key == "mstd":
+          fields["magnitude_std"] = math.inf if float(val) > 100 else float(val)
+        elif key == "mmax":
+          fields["magnitude_max"] = float(val)
+        elif key == "p":
+          fields["prob"] = float(val)
+        elif key == "inc" and val in ("0", "1"):
+          fields["increasing"] = val == "1"
         else:
-          raise ValueError(f'unknown field {part!r}')
+          raise ValueError(f"unknown field {part!r}")
       except ValueError as e:
-        raise ValueError(f'data.randaugment: {e} in {spec!r}') from None
+        raise ValueError(f"data.randaugment: {e} in {spec!r}") from None
     return cls(**fields, **kwargs)
 
   def _magnitude(self, rng: np.random.Generator) -> float:
@@ -188,7 +188,7 @@ class RandAugment:
     return float(min(max(m, 0.0), self.magnitude_max))
 
   def __call__(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
-    ctx = {'fill': self.fill, 'resample': self.resample}
+    ctx = {"fill": self.fill, "resample": self.resample}
     ops = INCREASING_OPS if self.increasing else ORIGINAL_OPS
     for name in rng.choice(ops, self.num_ops, replace=True):
       if self.prob < 1.0 and rng.random() > self.prob:

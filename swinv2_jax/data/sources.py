@@ -12,7 +12,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.gif', '.tif', '.tiff')
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 _FOLDER_SPLIT_SEED = 0
 
 
@@ -43,7 +43,7 @@ class _Records:
     return [self._select(e) for e in self._source.__getitems__(list(indices))]
 
   def _select(self, example):
-    return {'image': example[self._image_key], 'label': int(example[self._label_key])}
+    return {"image": example[self._image_key], "label": int(example[self._label_key])}
 
 
 class FolderRecords:
@@ -57,8 +57,8 @@ class FolderRecords:
 
   def __getitem__(self, index):
     with Image.open(self.files[index]) as img:
-      image = np.asarray(img.convert('RGB'))
-    return {'image': image, 'label': self.labels[index]}
+      image = np.asarray(img.convert("RGB"))
+    return {"image": image, "label": self.labels[index]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -68,24 +68,24 @@ class FolderRecords:
 
 def _tfds_data_dir(cfg) -> str:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  return os.fspath(cfg.data_dir or os.environ.get('TFDS_DATA_DIR') or tfds.core.constants.DATA_DIR)
+  return os.fspath(cfg.data_dir or os.environ.get("TFDS_DATA_DIR") or tfds.core.constants.DATA_DIR)
 
 
 def _prepare_command(cfg, manual: bool) -> str:
   data_dir = _tfds_data_dir(cfg)
-  cmd = f'tfds build {cfg.name} --file_format=array_record --data_dir={data_dir}'
+  cmd = f"tfds build {cfg.name} --file_format=array_record --data_dir={data_dir}"
   if manual:
-    cmd += f' --manual_dir={_manual_dir(cfg)}'
+    cmd += f" --manual_dir={_manual_dir(cfg)}"
   return cmd
 
 
 def _manual_dir(cfg) -> str:
-  return os.fspath(cfg.manual_dir or os.path.join(_tfds_data_dir(cfg), 'downloads', 'manual'))
+  return os.fspath(cfg.manual_dir or os.path.join(_tfds_data_dir(cfg), "downloads", "manual"))
 
 
 def _one_line(text: str, limit: int = 400) -> str:
-  text = re.sub(r'\s+', ' ', text).strip()
-  return text if len(text) <= limit else text[:limit - 3] + '...'
+  text = re.sub(r"\s+", " ", text).strip()
+  return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def tfds_builder(cfg):
@@ -99,27 +99,27 @@ def tfds_builder(cfg):
   except tfds.core.registered.DatasetNotFoundError:
     raise DatasetNotFoundError(
         f'data.name: {cfg.name!r} is not a tfds data set (use data.name="folder" with '
-        'data.folder for a directory of class subfolders)') from None
-  if cfg.name == 'digits' and not builder.is_prepared():
+        "data.folder for a directory of class subfolders)") from None
+  if cfg.name == "digits" and not builder.is_prepared():
     # Tiny and needs no download (scikit-learn ships the images): prepare it on first use.
-    builder = tfds.builder('digits', data_dir=data_dir, file_format='array_record')
+    builder = tfds.builder("digits", data_dir=data_dir, file_format="array_record")
     builder.download_and_prepare()
-  manual_text = getattr(builder, 'MANUAL_DOWNLOAD_INSTRUCTIONS', None)
+  manual_text = getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
   if not builder.is_prepared():
     if manual_text:
-      where = (f'put the manually downloaded files in {_manual_dir(cfg)} '
-               f'({_one_line(manual_text)}), then run: {_prepare_command(cfg, manual=True)}')
+      where = (f"put the manually downloaded files in {_manual_dir(cfg)} "
+               f"({_one_line(manual_text)}), then run: {_prepare_command(cfg, manual=True)}")
     else:
-      where = f'run: {_prepare_command(cfg, manual=False)}'
+      where = f"run: {_prepare_command(cfg, manual=False)}"
     raise DatasetNotFoundError(
-        f'tfds data set {cfg.name!r} is not prepared in {data_dir}; {where}')
-  file_format = getattr(builder.info.file_format, 'value', builder.info.file_format)
-  if file_format != 'array_record':
-    rebuild = (f'delete {builder.data_dir} and it is rebuilt on first use' if cfg.name == 'digits'
-               else f'rebuild it: {_prepare_command(cfg, manual=bool(manual_text))}')
+        f"tfds data set {cfg.name!r} is not prepared in {data_dir}; {where}")
+  file_format = getattr(builder.info.file_format, "value", builder.info.file_format)
+  if file_format != "array_record":
+    rebuild = (f"delete {builder.data_dir} and it is rebuilt on first use" if cfg.name == "digits"
+               else f"rebuild it: {_prepare_command(cfg, manual=bool(manual_text))}")
     raise DatasetNotFoundError(
-        f'tfds data set {cfg.name!r} in {builder.data_dir} is stored as {file_format}, but grain '
-        f'needs random access (array_record); {rebuild}')
+        f"tfds data set {cfg.name!r} in {builder.data_dir} is stored as {file_format}, but grain "
+        f"needs random access (array_record); {rebuild}")
   return builder
 
 
@@ -127,8 +127,8 @@ def _tfds_split(builder, cfg, split: str, key: str) -> str:
   try:
     builder.info.splits[split]
   except (KeyError, ValueError):
-    raise ValueError(f'data.{key}: {cfg.name!r} has no split {split!r} '
-                     f'(it has {sorted(builder.info.splits.keys())})') from None
+    raise ValueError(f"data.{key}: {cfg.name!r} has no split {split!r} "
+                     f"(it has {sorted(builder.info.splits.keys())})") from None
   return split
 
 
@@ -138,7 +138,7 @@ def _tfds_split(builder, cfg, split: str, key: str) -> str:
 
 
 def _images_in(directory: pathlib.Path):
-  return sorted(p for p in directory.rglob('*')
+  return sorted(p for p in directory.rglob("*")
                 if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
@@ -148,16 +148,16 @@ def _class_dirs(directory: pathlib.Path):
 
 def _folder_layout_error(cfg, problem: str):
   return DatasetNotFoundError(
-      f'data.folder: {problem}; expected {cfg.folder}/<split>/<class>/<image> with splits '
-      f'{cfg.train_split!r} and an eval split (data.eval_split), or {cfg.folder}/<class>/<image> '
-      'with data.folder_eval_fraction > 0')
+      f"data.folder: {problem}; expected {cfg.folder}/<split>/<class>/<image> with splits "
+      f"{cfg.train_split!r} and an eval split (data.eval_split), or {cfg.folder}/<class>/<image> "
+      "with data.folder_eval_fraction > 0")
 
 
 def folder_records(cfg, split: str, train: bool) -> FolderRecords:
   """Files of one split. Classes are the sorted subfolders of the train split (or of the root)."""
   root = pathlib.Path(os.fspath(cfg.folder))
   if not root.is_dir():
-    raise _folder_layout_error(cfg, f'{root} does not exist')
+    raise _folder_layout_error(cfg, f"{root} does not exist")
   if cfg.folder_eval_fraction > 0:
     class_dirs = _class_dirs(root)
     files, labels = [], []
@@ -172,22 +172,22 @@ def folder_records(cfg, split: str, train: bool) -> FolderRecords:
   else:
     train_dir = root / cfg.train_split
     if not train_dir.is_dir():
-      raise _folder_layout_error(cfg, f'no split folder {train_dir}')
+      raise _folder_layout_error(cfg, f"no split folder {train_dir}")
     class_names = [p.name for p in _class_dirs(train_dir)]
     split_dir = root / split
     if not split_dir.is_dir():
-      raise _folder_layout_error(cfg, f'no split folder {split_dir}')
+      raise _folder_layout_error(cfg, f"no split folder {split_dir}")
     files, labels = [], []
     for class_dir in _class_dirs(split_dir):
       if class_dir.name not in class_names:
         raise _folder_layout_error(
-            cfg, f'class folder {class_dir} has no counterpart in {train_dir}')
+            cfg, f"class folder {class_dir} has no counterpart in {train_dir}")
       images = _images_in(class_dir)
       files += images
       labels += [class_names.index(class_dir.name)] * len(images)
     class_dirs = class_names
   if not class_dirs:
-    raise _folder_layout_error(cfg, f'no class folders under {root}')
+    raise _folder_layout_error(cfg, f"no class folders under {root}")
   if not files:
     raise _folder_layout_error(
         cfg, f'no images ({", ".join(IMAGE_EXTENSIONS)}) for split {split!r}')
@@ -198,7 +198,7 @@ def folder_num_classes(cfg) -> int:
   root = pathlib.Path(os.fspath(cfg.folder))
   base = root if cfg.folder_eval_fraction > 0 else root / cfg.train_split
   if not base.is_dir():
-    raise _folder_layout_error(cfg, f'{base} does not exist')
+    raise _folder_layout_error(cfg, f"{base} does not exist")
   return len(_class_dirs(base))
 
 
@@ -210,26 +210,26 @@ def folder_num_classes(cfg) -> int:
 def eval_split_name(cfg, builder=None) -> str:
   if cfg.eval_split is not None:
     return cfg.eval_split
-  if cfg.name == 'folder':
-    return 'val'
+  if cfg.name == "folder":
+    return "val"
   splits = builder.info.splits.keys()
-  for name in ('validation', 'test'):
+  for name in ("validation", "test"):
     if name in splits:
       return name
   raise ValueError(f'data.eval_split: {cfg.name!r} has neither a "validation" nor a "test" split '
-                   f'(it has {sorted(splits)}); name one')
+                   f"(it has {sorted(splits)}); name one")
 
 
 def open_split(cfg, which: str):
   """(records, num_classes) of the train (`which='train'`) or eval split of cfg."""
-  if cfg.name == 'folder':
-    split = cfg.train_split if which == 'train' else eval_split_name(cfg)
-    return folder_records(cfg, split, train=which == 'train'), folder_num_classes(cfg)
+  if cfg.name == "folder":
+    split = cfg.train_split if which == "train" else eval_split_name(cfg)
+    return folder_records(cfg, split, train=which == "train"), folder_num_classes(cfg)
   builder = tfds_builder(cfg)
-  if which == 'train':
-    split = _tfds_split(builder, cfg, cfg.train_split, 'train_split')
+  if which == "train":
+    split = _tfds_split(builder, cfg, cfg.train_split, "train_split")
   else:
-    split = _tfds_split(builder, cfg, eval_split_name(cfg, builder), 'eval_split')
+    split = _tfds_split(builder, cfg, eval_split_name(cfg, builder), "eval_split")
   records = _Records(builder.as_data_source(split=split), cfg.image_key, cfg.label_key)
   return records, builder.info.features[cfg.label_key].num_classes
 
@@ -238,13 +238,13 @@ def dataset_info(cfg) -> DatasetInfo:
   """(num_classes, num_train_examples, num_eval_examples) of the configured data set."""
   from swinv2_jax.data.config import validate_data_config  # pylint: disable=g-import-not-at-top
   validate_data_config(cfg)
-  if cfg.name == 'folder':
-    train, num_classes = open_split(cfg, 'train')
-    evals, _ = open_split(cfg, 'eval')
+  if cfg.name == "folder":
+    train, num_classes = open_split(cfg, "train")
+    evals, _ = open_split(cfg, "eval")
     return DatasetInfo(num_classes, len(train), len(evals))
   builder = tfds_builder(cfg)
-  train = _tfds_split(builder, cfg, cfg.train_split, 'train_split')
-  evals = _tfds_split(builder, cfg, eval_split_name(cfg, builder), 'eval_split')
+  train = _tfds_split(builder, cfg, cfg.train_split, "train_split")
+  evals = _tfds_split(builder, cfg, eval_split_name(cfg, builder), "eval_split")
   splits = builder.info.splits
   train, evals = splits[train].num_examples, splits[evals].num_examples
   return DatasetInfo(builder.info.features[cfg.label_key].num_classes, train, evals)

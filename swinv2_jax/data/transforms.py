@@ -10,10 +10,10 @@ import numpy as np
 from PIL import Image
 
 PIL_RESAMPLE = {
-    'bicubic': Image.Resampling.BICUBIC,
-    'bilinear': Image.Resampling.BILINEAR,
-    'nearest': Image.Resampling.NEAREST,
-    'lanczos': Image.Resampling.LANCZOS,
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
 }
 
 
@@ -22,10 +22,10 @@ def to_rgb_pil(image: np.ndarray) -> Image.Image:
   if image.ndim == 3 and image.shape[-1] == 1:
     image = image[..., 0]
   if image.ndim == 2:
-    return Image.fromarray(image, mode='L').convert('RGB')
+    return Image.fromarray(image, mode="L").convert("RGB")
   if image.shape[-1] == 4:
-    return Image.fromarray(image, mode='RGBA').convert('RGB')
-  return Image.fromarray(image, mode='RGB')
+    return Image.fromarray(image, mode="RGBA").convert("RGB")
+  return Image.fromarray(image, mode="RGB")
 
 
 def random_resized_crop_box(rng: np.random.Generator, width: int, height: int, scale, ratio):
@@ -55,14 +55,14 @@ def random_resized_crop_box(rng: np.random.Generator, width: int, height: int, s
 
 
 def random_resized_crop(rng, img: Image.Image, size_hw, scale, ratio,
-                        interpolation='bicubic') -> Image.Image:
+                        interpolation="bicubic") -> Image.Image:
   left, top, w, h = random_resized_crop_box(rng, img.width, img.height, scale, ratio)
   return img.resize((size_hw[1], size_hw[0]), PIL_RESAMPLE[interpolation],
                     box=(left, top, left + w, top + h))
 
 
 def resize_center_crop(img: Image.Image, size_hw, crop_ratio: float,
-                       interpolation='bicubic') -> Image.Image:
+                       interpolation="bicubic") -> Image.Image:
   """Official eval (TEST.CROP=True): resize to cover int(size / ratio) keeping aspect, center crop.
 
   For a square size this is exactly `Resize(int(size / ratio))` (shorter side) + `CenterCrop(size)`.
@@ -133,11 +133,11 @@ def simmim_mask(rng: np.random.Generator, image_size, mask_patch_size: int = 32,
 
 def check_mask_config(height, width, mask_patch_size, model_patch_size, mask_ratio):
   if height % mask_patch_size or width % mask_patch_size:
-    raise ValueError(f'mask.mask_patch_size: image size {height}x{width} is not a multiple of '
-                     f'mask_patch_size {mask_patch_size}')
+    raise ValueError(f"mask.mask_patch_size: image size {height}x{width} is not a multiple of "
+                     f"mask_patch_size {mask_patch_size}")
   if mask_patch_size % model_patch_size:
-    raise ValueError(f'mask.model_patch_size: mask_patch_size {mask_patch_size} is not a '
-                     'multiple of '
-                     f'model_patch_size {model_patch_size}')
+    raise ValueError(f"mask.model_patch_size: mask_patch_size {mask_patch_size} is not a "
+                     "multiple of "
+                     f"model_patch_size {model_patch_size}")
   if not 0.0 < mask_ratio < 1.0:
-    raise ValueError(f'mask.mask_ratio: must be in (0, 1), got {mask_ratio}')
+    raise ValueError(f"mask.mask_ratio: must be in (0, 1), got {mask_ratio}")

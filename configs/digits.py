@@ -7,9 +7,11 @@ download. A small SwinV2 (C=48, depths 2,2,2,2) at 32x32 (digits upsampled 4x) w
 
 from swinv2_jax import config as config_lib
 from swinv2_jax import data
+from swinv2_jax import errors
 
 
 def get_config(arg: str = ""):
+  errors.check_config_arg(arg, ("", "tiny"), __file__)
   c = config_lib.base_config()
   c.model.name = "swinv2_tiny_window8_256"
   c.model.embed_dim = 48

@@ -21,9 +21,11 @@ full remat in every stage, sequential attention in every stage with more than on
 
 from swinv2_jax import config as config_lib
 from swinv2_jax import data
+from swinv2_jax import errors
 
 
 def get_config(arg: str = ""):
+  errors.check_config_arg(arg, ("", "tiny"), __file__)
   c = config_lib.base_config()
   c.model.name = "swinv2_giant_window32_1536"
   c.model.dtype = "bfloat16"

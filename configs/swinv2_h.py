@@ -10,10 +10,12 @@ Memory: bf16, ZeRO-3, full remat, sequential attention in the first two stages (
   python -m swinv2_jax.main --config=configs/swinv2_h.py:tiny --workdir=DIR   # laptop check
 """
 
+from swinv2_jax import errors
 from swinv2_jax import recipes
 
 
 def get_config(arg: str = ""):
+  errors.check_config_arg(arg, ("", "tiny"), __file__)
   c = recipes.simmim_recipe("swinv2_huge_window40_640", pretrain_batch=4096,
                             finetune_batch=576, finetune_drop_path=0.3)
   c.model.remat = "full"
@@ -27,6 +29,4 @@ def get_config(arg: str = ""):
     c = recipes.shrink_for_laptop(c, embed_dim=32, depths=(2, 2, 6, 2), heads=(1, 2, 4, 8))
     c.model.extra_norm_period = 6
     c.model.attention_chunks = (4, 2, 1, 1)
-  elif arg:
-    raise ValueError(f"config argument must be '' or 'tiny', got {arg!r}")
   return c

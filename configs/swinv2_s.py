@@ -6,9 +6,11 @@
 Drop path: pretraining 0.1, fine-tuning 0.2 (B's are the official SimMIM values).
 """
 
+from swinv2_jax import errors
 from swinv2_jax import recipes
 
 
 def get_config(arg: str = ""):
+  errors.check_config_arg(arg, ("", "224", "256", "tiny"), __file__)
   return recipes.get_sized_config("swinv2_small_window16_256", arg, pretrain_drop_path=0.1,
                                   finetune_drop_path=0.2)

@@ -19,11 +19,25 @@ import jax
 import orbax.checkpoint as ocp
 
 
-def manager(directory: str, *, keep: int, use_async: bool) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep,
-                                         enable_async_checkpointing=use_async, create=True)
+def manager(directory: str, *, keep: int, use_async: bool,
+            create: bool = True) -> ocp.CheckpointManager:
+  """A stage's manager; `create=False` for one that only restores (it writes nothing until it
+  saves, which is when it also deletes checkpoints beyond `keep`)."""
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=use_async,
+                                         create=create)
   return ocp.CheckpointManager(os.path.abspath(directory), options=options,
                                item_names=("state", "data"))
+
+
+def latest_step(directory: str) -> int | None:
+  """The latest finalized checkpoint step in `directory` (None: none); reads only."""
+  if not os.path.isdir(directory):
+    return None
+  return max(ocp.path.step.checkpoint_steps(directory), default=None)
+
+
+def step_dir(mngr: ocp.CheckpointManager, step: int) -> str:
+  return os.path.join(str(mngr.directory), str(step))
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, data_iterator) -> None:
@@ -47,16 +61,41 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, shardings,
     restored = mngr.restore(step, args=ocp.args.Composite(**items))
   except Exception as e:  # orbax raises many types for a damaged directory
     raise RuntimeError(
-        f"cannot restore checkpoint step {step} from {mngr.directory}: {type(e).__name__}: "
-        f"{e}. If it is corrupt, move that step's folder away to resume from the one "
-        f"before it.") from e
+        f"cannot restore the checkpoint in {step_dir(mngr, step)}: {type(e).__name__}: {e}. "
+        f"If that step directory is damaged, move it out of {mngr.directory} to resume from "
+        f"the checkpoint before it.") from e
   return restored["state"]
 
 
-def save_tree(directory: str, tree) -> None:
-  """A plain pytree (e.g. exported encoder parameters), written synchronously."""
+def save_tree(directory: str, tree, step: int | None = None) -> None:
+  """A plain pytree (e.g. exported encoder parameters), written synchronously; `step` (the
+  training step it comes from) is recorded for `tree_step`."""
   with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.abspath(directory), tree, force=True)
+    ckptr.save(os.path.abspath(directory), tree, force=True,
+               custom_metadata=None if step is None else {"step": int(step)})
+
+
+def tree_metadata(directory: str) -> dict | None:
+  """The custom metadata of a complete tree checkpoint at `directory` ({} when it has none);
+  None where there is no such checkpoint, or only part of one. Reads only."""
+  path = os.path.abspath(directory)
+  if not os.path.isdir(path):
+    return None
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      metadata = ckptr.metadata(path)
+  except Exception:  # pylint: disable=broad-except  (orbax: many types for a partial directory)
+    return None
+  tree = getattr(metadata, "item_metadata", metadata)
+  if getattr(tree, "tree", tree) is None:
+    return None
+  return dict(getattr(metadata, "custom_metadata", None) or {})
+
+
+def tree_step(directory: str) -> int | None:
+  """The step `save_tree` recorded in the tree checkpoint at `directory`, if any."""
+  step = (tree_metadata(directory) or {}).get("step")
+  return step if isinstance(step, int) else None
 
 
 def _flatten_dict(tree, prefix=()) -> dict[tuple, Any]:

@@ -6,10 +6,14 @@ here is an error, and so is a bad value: one line that names the key.
 
 from __future__ import annotations
 
+import difflib
+from typing import Any
+
 import ml_collections
 from ml_collections import config_dict
 
 from swinv2_jax import data as data_lib
+from swinv2_jax import errors
 from swinv2_jax import models
 from swinv2_jax.models import windows as win
 from swinv2_jax.models.swinv2 import REMAT_POLICIES, SwinTransformerV2
@@ -112,23 +116,93 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-class ConfigError(ValueError):
-  """A bad configuration value; the message names the key."""
-
+ConfigError = errors.ConfigError
 
 def _fail(key: str, message: str):
   raise ConfigError(f"config.{key}: {message}")
 
 
-def _check_keys(config, reference, prefix=""):
+def flatten(config: ml_collections.ConfigDict | None = None) -> dict[str, Any]:
+  """Every setting of `config` (default: `base_config()`) as {'group.key': value}, in the
+  config's (sorted) order; groups are walked, not listed."""
+  config = base_config() if config is None else config
+  out = {}
+
+  def walk(group, prefix):
+    for key in group.keys():
+      value = group[key]
+      if isinstance(value, ml_collections.ConfigDict):
+        walk(value, f"{prefix}{key}.")
+      else:
+        out[prefix + key] = value
+  walk(config, "")
+  return out
+
+
+def describe(config: ml_collections.ConfigDict | None = None) -> str:
+  """One `config.<key> = <value>` line per setting (the --help listing of main)."""
+  return "\n".join(f"config.{key} = {value!r}" for key, value in flatten(config).items())
+
+
+def _nearest(name: str, candidates, n: int = 3) -> list[str]:
+  """Candidates close to `name`: difflib's close matches, then the names that share a
+  '_'-separated word with it (`lr` -> `base_lr`), in the candidates' order."""
+  candidates = list(candidates)
+  close = difflib.get_close_matches(name, candidates, n=n, cutoff=0.6)
+  words = set(name.lower().split("_"))
+  sharing = [c for c in candidates if words & set(c.lower().split("_"))]
+  return list(dict.fromkeys(close + sharing))[:n]
+
+
+def suggest_keys(key: str, reference: ml_collections.ConfigDict) -> list[str]:
+  """Known keys near the unknown dotted `key` ('finetune.lr' -> ['finetune.base_lr', ...]):
+  first among its siblings (the keys of the deepest group of `key` that exists), else among
+  every setting whose last part is near the last part of `key`."""
+  parts = key.split(".")
+  group, depth = reference, 0
+  while depth < len(parts) - 1 and isinstance(group, ml_collections.ConfigDict) and (
+      parts[depth] in group):
+    group, depth = group[parts[depth]], depth + 1
+  prefix = "".join(p + "." for p in parts[:depth])
+  rest = "".join("." + p for p in parts[depth + 1:])  # below a misspelt group name
+  if isinstance(group, ml_collections.ConfigDict):
+    near = [prefix + k + rest for k in _nearest(parts[depth], group.keys())]
+    if near:
+      return near
+  leaves = list(flatten(reference))
+  near = []
+  for leaf in _nearest(parts[-1], dict.fromkeys(k.rsplit(".", 1)[-1] for k in leaves)):
+    near += [k for k in leaves if k.rsplit(".", 1)[-1] == leaf]
+  return near[:3]
+
+
+def unknown_key_message(key: str, reference: ml_collections.ConfigDict) -> str:
+  """'unknown key; did you mean finetune.base_lr?', or the known keys when none is near."""
+  near = suggest_keys(key, reference)
+  if near:
+    return (f"unknown key; did you mean {near[0]}?" if len(near) == 1 else
+            f"unknown key; did you mean {', '.join(near[:-1])} or {near[-1]}?")
+  parts = key.split(".")
+  group = reference
+  for i, part in enumerate(parts[:-1]):
+    if part not in group:
+      break
+    if not isinstance(group[part], ml_collections.ConfigDict):
+      return f"unknown key: {'.'.join(parts[:i + 1])} is a setting, not a group of settings"
+    group = group[part]
+  return f"unknown key (known here: {', '.join(sorted(group.keys()))})"
+
+
+def _check_keys(config, reference, prefix="", root=None):
+  root = reference if root is None else root
   for key in config.keys():
     if key not in reference:
-      _fail(prefix + key, f"unknown key (known: {', '.join(sorted(reference.keys()))})")
+      _fail(prefix + key, unknown_key_message(prefix + key, root))
     value, ref = config[key], reference[key]
     if isinstance(ref, ml_collections.ConfigDict) and prefix + key != "data":
       if not isinstance(value, ml_collections.ConfigDict):
         _fail(prefix + key, "must be a group of settings")
-      _check_keys(value, ref, prefix + key + ".")
+      _check_keys(value, ref, prefix + key + ".", root)
 
 
 def _per_level(key, value, num_levels, kind, allowed=None):
@@ -167,6 +241,48 @@ def model_args(config, stage: str) -> dict:
   return args
 
 
+def _check_model(config) -> None:
+  """The model's level structure, before the model constructor would find it."""
+  m = config.model
+  preset = models.PRESETS[m.name]
+
+  def get(key, default=None):
+    return m[key] if m[key] is not None else preset.get(key, default)
+
+  depths, heads, embed_dim = get("depths"), get("num_heads"), get("embed_dim")
+  if not isinstance(embed_dim, int) or isinstance(embed_dim, bool) or embed_dim < 1:
+    _fail("model.embed_dim", f"must be a positive int, got {embed_dim!r}")
+  for key, value in (("depths", depths), ("num_heads", heads)):
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
+      _fail(f"model.{key}", f"must be a sequence of positive ints (one per level), got "
+            f"{value!r}")
+  if len(heads) != len(depths):
+    _fail("model.num_heads", f"{tuple(heads)} has {len(heads)} entries but model.depths "
+          f"{tuple(depths)} has {len(depths)} levels; give one head count per level")
+  for i, h in enumerate(heads):
+    if (embed_dim * 2**i) % h:
+      _fail("model.num_heads", f"level {i} has {embed_dim * 2**i} channels (model.embed_dim="
+            f"{embed_dim} x 2^{i}), which {h} heads do not divide")
+  period = get("extra_norm_period", 0)
+  if not isinstance(period, int) or period < 0 or period % 2:
+    _fail("model.extra_norm_period", f"must be an even int >= 0 (0 disables), got {period!r}")
+  num_levels = len(depths)
+  chunks = ([m.attention_chunks] * num_levels if isinstance(m.attention_chunks, int)
+            else list(m.attention_chunks))
+  for stage in TRAINING_STAGES:
+    s = config[stage]
+    feats = win.level_feature_sizes(win.to_pair(s.img_size), m.patch_size, num_levels)
+    windows = SwinTransformerV2._level_windows(s.window_size, num_levels)
+    for i, (feat, window) in enumerate(zip(feats, windows)):
+      window, _ = win.clamp_window(feat, window, (0, 0))
+      count = (feat[0] // window[0]) * (feat[1] // window[1])
+      if count % min(chunks[i], count):
+        _fail("model.attention_chunks", f"{chunks[i]} pieces do not divide the {count} "
+              f"windows of level {i} in {stage} ({feat[0]}x{feat[1]} map, window "
+              f"{window[0]}x{window[1]}); use a divisor of {count}")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError (one line naming the key) for unknown keys and bad values."""
   _check_keys(config, base_config())
@@ -187,6 +303,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
           "attention overflows in fp16); use 'bfloat16'")
   if config.model.dtype not in DTYPES:
     _fail("model.dtype", f"one of {DTYPES}, got {config.model.dtype!r}")
+  _check_model(config)
   num_levels = len(config.model.depths or models.PRESETS[config.model.name]["depths"])
   _per_level("model.remat", config.model.remat, num_levels, str, set(REMAT_POLICIES))
   for c in _per_level("model.attention_chunks", config.model.attention_chunks, num_levels, int):
@@ -198,6 +315,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
       _positive(config, f"{name}.{key}", kind=int)
     for key in ("warmup_steps", "skip_nonfinite"):
       _positive(config, f"{name}.{key}", allow_zero=True, kind=int)
+    if isinstance(stage.accum_steps, str) and stage.accum_steps.strip().isdigit():
+      # --config.<stage>.accum_steps=12 over a config file's 'auto' arrives as a string.
+      stage.accum_steps = int(stage.accum_steps)
     if stage.accum_steps != "auto":
       _positive(config, f"{name}.accum_steps", kind=int)
     for key in ("base_lr",):

@@ -23,6 +23,7 @@ from absl import logging
 
 from swinv2_jax import config as config_lib
 from swinv2_jax import data as data_lib
+from swinv2_jax import errors
 from swinv2_jax import sharding as sharding_lib
 from swinv2_jax import trainer as trainer_lib
 from swinv2_jax.models import complexity
@@ -30,7 +31,7 @@ from swinv2_jax.models import complexity
 MEMORY_SCHEDULER_FLAG = "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"
 
 
-class DeviceSetupError(RuntimeError):
+class DeviceSetupError(RuntimeError, errors.UserError):
   """The fake CPU devices of a dry run cannot be set up in this process."""
 
 
@@ -183,7 +184,7 @@ def _divisors(n: int) -> list[int]:
   return [d for d in range(1, n + 1) if n % d == 0]
 
 
-class DoesNotFitError(ValueError):
+class DoesNotFitError(ValueError, errors.UserError):
   """Not even one image per device fits the memory budget."""
 
 

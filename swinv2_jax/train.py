@@ -18,10 +18,12 @@ from flax import nnx
 from swinv2_jax import checkpointing
 from swinv2_jax import config as config_lib
 from swinv2_jax import data as data_lib
+from swinv2_jax import errors
 from swinv2_jax import plan as plan_lib
 from swinv2_jax import sharding as sharding_lib
 from swinv2_jax import trainer as trainer_lib
 from swinv2_jax import weights
+from swinv2_jax import workdir as workdir_lib
 
 Params = trainer_lib.Params
 
@@ -30,19 +32,22 @@ Params = trainer_lib.Params
 # Outputs: metrics.jsonl, TensorBoard, eval.json.
 # ---------------------------------------------------------------------------------------------
 class MetricWriter:
-  """One JSON object per logged step in metrics.jsonl and TensorBoard scalars (process 0)."""
+  """One JSON object per logged step in metrics.jsonl and TensorBoard scalars (process 0).
+
+  The TensorBoard file is opened at the first record: a run that logs nothing adds none."""
 
   def __init__(self, workdir: str):
     self.enabled = jax.process_index() == 0
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.workdir = workdir
+    self.path = os.path.join(workdir, workdir_lib.METRICS_JSONL)
     self.tb = None
-    if self.enabled:
-      from tensorboardX import SummaryWriter
-      self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, record: dict) -> None:
     if not self.enabled:
       return
+    if self.tb is None:
+      from tensorboardX import SummaryWriter
+      self.tb = SummaryWriter(os.path.join(self.workdir, "tensorboard"))
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
     for key, value in record.items():
@@ -51,34 +56,18 @@ class MetricWriter:
     self.tb.flush()
 
 
-def write_json(path: str, obj) -> None:
-  if jax.process_index() == 0:
-    with open(path, "w") as f:
-      json.dump(obj, f, indent=2)
-
-
 # ---------------------------------------------------------------------------------------------
 # Training loop of one stage (resumable).
 # ---------------------------------------------------------------------------------------------
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(FloatingPointError, errors.UserError):
   pass
 
 
 def prior_eval_records(workdir: str, up_to_step: int) -> list[dict]:
   """Evaluations made while fine-tuning up to a step (metrics.jsonl, process 0)."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if jax.process_index() != 0 or not os.path.exists(path):
+  if jax.process_index() != 0:
     return []
-  records = {}
-  with open(path) as f:
-    for line in f:
-      try:
-        r = json.loads(line)
-      except json.JSONDecodeError:  # a line cut by a kill
-        continue
-      if r.get("stage") == "eval" and "top1" in r and r["step"] <= up_to_step:
-        records[r["step"]] = r
-  return [records[k] for k in sorted(records)]
+  return workdir_lib.eval_records(workdir, up_to_step)
 
 
 def train_stage(config, workdir: str, task: trainer_lib.Task, layout, writer: MetricWriter,
@@ -88,15 +77,17 @@ def train_stage(config, workdir: str, task: trainer_lib.Task, layout, writer: Me
   Returns its final state and the evaluations made while training (`<stage>.eval_every`).
   """
   s = task.stage_cfg
-  stage_dir = os.path.join(workdir, task.name)
-  mngr = checkpointing.manager(os.path.join(stage_dir, "checkpoints"),
-                               keep=config.checkpoint.keep, use_async=config.checkpoint.use_async)
-  latest = mngr.latest_step()
+  ckpt_dir = workdir_lib.checkpoint_dir(workdir, task.name)
+  latest = checkpointing.latest_step(ckpt_dir)
   if latest is not None and latest >= s.steps:
-    logging.info("%s: complete (checkpoint at step %d), skipped", task.name, latest)
+    logging.info("%s: complete (checkpoint at step %d), restored", task.name, latest)
+    mngr = checkpointing.manager(ckpt_dir, keep=config.checkpoint.keep, use_async=False,
+                                 create=False)
     trainer = trainer_lib.make_trainer(config, task, layout, accum_steps=1)  # state shapes only
     state = checkpointing.restore(mngr, latest, trainer.abstract_state, trainer.state_shardings)
     return state, prior_eval_records(workdir, latest)
+  mngr = checkpointing.manager(ckpt_dir, keep=config.checkpoint.keep,
+                               use_async=config.checkpoint.use_async)
 
   compile_start = time.perf_counter()
   if s.accum_steps == "auto":
@@ -122,6 +113,11 @@ def train_stage(config, workdir: str, task: trainer_lib.Task, layout, writer: Me
     state = trainer.init()
     if init_params is not None:
       state = _with_params(state, init_params, trainer)
+  # What was logged after that checkpoint (before a kill) is logged again below.
+  dropped = workdir_lib.truncate_metrics(workdir, task.name, latest or 0)
+  if dropped:
+    logging.info("%s: %d lines of %s after step %d dropped (logged after the last checkpoint)",
+                 task.name, dropped, workdir_lib.METRICS_JSONL, latest or 0)
 
   # Made by a jit rather than device_put: every process holds it, also on multi-host meshes.
   rng = jax.jit(lambda: jax.random.key(config.seed + 1), out_shardings=layout.replicated())()
@@ -149,8 +145,7 @@ def train_stage(config, workdir: str, task: trainer_lib.Task, layout, writer: Me
         raise NonFiniteLossError(
             f"{task.name}: loss {metrics['loss']} / grad norm {metrics['grad_norm']} at step "
             f"{step}; nothing after step {mngr.latest_step()} was saved (checkpoints in "
-            f"{mngr.directory}). Lower {task.name}.base_lr, lengthen warmup_steps or set "
-            f"clip_grad or {task.name}.skip_nonfinite, or check the input data.")
+            f"{mngr.directory}). {_remedy(task.name, mngr, skip=True)}")
       now = time.time()
       images_per_s = (step - last_log_step) * s.batch_size / max(now - last_log_time, 1e-9)
       last_log_time, last_log_step = now, step
@@ -181,8 +176,17 @@ def _check_skipped(stage: str, step: int, in_row: int, s, mngr) -> None:
     raise NonFiniteLossError(
         f"{stage}: {in_row} non-finite steps in a row up to step {step} (limit "
         f"{stage}.skip_nonfinite={s.skip_nonfinite}); the last checkpoint is step "
-        f"{mngr.latest_step()} in {mngr.directory}. Lower {stage}.base_lr, lengthen "
-        f"warmup_steps or set clip_grad, or check the input data.")
+        f"{mngr.latest_step()} in {mngr.directory}. {_remedy(stage, mngr, skip=False)}")
+
+
+def _remedy(stage: str, mngr, skip: bool) -> str:
+  """What to change after a non-finite loss; a stage with a checkpoint is bound to its config
+  (workdir.py), so lr, warmup and clipping then change in a new workdir."""
+  where = "" if mngr.latest_step() is None else (
+      f" (in a new --workdir: this one resumes {stage} only with its config)")
+  also = f", set {stage}.skip_nonfinite (resumable)" if skip else ""
+  return (f"Lower {stage}.base_lr, lengthen warmup_steps or set clip_grad{where}{also}, or "
+          f"check the input data.")
 
 
 def _with_params(state, params: Params, trainer: trainer_lib.Trainer):
@@ -258,10 +262,16 @@ def load_eval_params(config, workdir: str, num_classes: int, layout):
     else:
       weights.load_pytorch_weights(model, path)
     return trainer_lib.split_params(model)[1], None, path, None
+  return load_finetune_params(config, workdir, num_classes, layout)
+
+
+def load_finetune_params(config, workdir: str, num_classes: int, layout):
+  """The workdir's latest fine-tune checkpoint, as `load_eval_params` returns it."""
   task = trainer_lib.finetune_task(config, num_classes)
   trainer = trainer_lib.make_trainer(config, task, layout, accum_steps=1)  # state shapes only
-  ckpt_dir = os.path.join(workdir, "finetune", "checkpoints")
-  mngr = checkpointing.manager(ckpt_dir, keep=config.checkpoint.keep, use_async=False)
+  ckpt_dir = workdir_lib.checkpoint_dir(workdir, "finetune")
+  mngr = checkpointing.manager(ckpt_dir, keep=config.checkpoint.keep, use_async=False,
+                               create=False)
   latest = mngr.latest_step()
   if latest is None:
     raise FileNotFoundError(
@@ -279,7 +289,7 @@ def finetune_init_params(config, workdir: str, num_classes: int, layout) -> Para
   if init == "scratch":
     return None
   if init == "pretrain":
-    encoder_dir = os.path.join(workdir, "pretrain", "encoder")
+    encoder_dir = workdir_lib.encoder_dir(workdir)
     if not os.path.isdir(encoder_dir):
       raise FileNotFoundError(
           f"finetune.init='pretrain' but {encoder_dir} does not exist: run the pretrain stage "
@@ -296,35 +306,60 @@ def finetune_init_params(config, workdir: str, num_classes: int, layout) -> Para
 
 
 def run(config, workdir: str) -> dict:
-  """Runs the configured stages in order; returns the eval result when evaluation ran."""
+  """Runs the configured stages in order; returns the eval result when evaluation ran.
+
+  Every check that can refuse the run comes before its first write into the workdir (see
+  workdir.py for what a rerun on the same workdir may change)."""
   config_lib.validate(config)
   layout = trainer_lib.make_layout(config)
   config_lib.check_batches(config, layout.mesh.size)
+  stages = ("eval",) if config.eval_only else tuple(config.stages)
+  latest = workdir_lib.latest_steps(workdir)
+  workdir_lib.check_inputs(config, workdir, stages, latest)
+  info = data_lib.dataset_info(config.data)  # builds digits on first use, outside the workdir
+  resolved = workdir_lib.config_json(config)
+  changes = workdir_lib.check_config(resolved, workdir, latest)
+
+  # The first write.
   os.makedirs(workdir, exist_ok=True)
-  write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
+  workdir_lib.save_config(workdir, resolved)
+  for line in changes:
+    logging.info("%s", line)
   writer = MetricWriter(workdir)
-  info = data_lib.dataset_info(config.data)
   logging.info("data %s: %d classes, %d train / %d eval examples", config.data.name,
                info.num_classes, info.num_train_examples, info.num_eval_examples)
-  stages = ("eval",) if config.eval_only else tuple(config.stages)
   evaluator = None
   if "eval" in stages or ("finetune" in stages and config.finetune.eval_every):
     evaluator = Evaluator(config, info.num_classes, layout)
   final, evals = None, []  # final: (params, ema, source, step)
   for stage in stages:
+    done = latest.get(stage) is not None and latest[stage] >= config[stage].steps
     if stage == "pretrain":
+      encoder_dir = workdir_lib.encoder_dir(workdir)
+      if done and checkpointing.tree_step(encoder_dir) == latest[stage]:
+        logging.info("pretrain: complete (checkpoint and encoder at step %d), skipped",
+                     latest[stage])
+        continue
       state, _ = train_stage(config, workdir, trainer_lib.simmim_task(config), layout, writer)
       # The encoder alone, for fine-tuning (a collective save on multi-host).
-      checkpointing.save_tree(os.path.join(workdir, "pretrain", "encoder"),
-                              state["params"]["encoder"])
+      checkpointing.save_tree(encoder_dir, state["params"]["encoder"],
+                              step=int(state["step"]))
     elif stage == "finetune":
-      init = finetune_init_params(config, workdir, info.num_classes, layout)
+      if done:
+        logging.info("finetune: complete (checkpoint at step %d), skipped", latest[stage])
+        if "eval" in stages:
+          final = load_finetune_params(config, workdir, info.num_classes, layout)
+          evals = prior_eval_records(workdir, final[3])
+        continue
+      # Only a fine-tune that starts (no checkpoint yet) reads its initial weights.
+      init = (finetune_init_params(config, workdir, info.num_classes, layout)
+              if latest[stage] is None else None)
       task = trainer_lib.finetune_task(config, info.num_classes)
       state, evals = train_stage(config, workdir, task, layout, writer, init_params=init,
                                  evaluator=evaluator)
       step = int(state["step"])
       final = (state["params"], state.get("ema"),
-               os.path.join(workdir, "finetune", "checkpoints", str(step)), step)
+               os.path.join(workdir_lib.checkpoint_dir(workdir, "finetune"), str(step)), step)
     elif stage == "eval":
       if final is None:
         final = load_eval_params(config, workdir, info.num_classes, layout)
@@ -338,7 +373,7 @@ def run(config, workdir: str) -> dict:
         result.update(ema_top1=ema_result["top1"], ema_top5=ema_result["top5"],
                       **best_of(evals, ema_result, step, prefix="ema_"))
       result["checkpoint"] = source
-      write_json(os.path.join(workdir, "eval.json"), result)
+      workdir_lib.write_json(os.path.join(workdir, "eval.json"), result)
       logging.info("eval: top-1 %.4f top-5 %.4f on %d examples (%s)", result["top1"],
                    result["top5"], result["num_examples"], source)
       return result

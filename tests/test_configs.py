@@ -139,3 +139,16 @@ def test_224_is_the_default_fine_tune_size():
   assert (default.finetune.img_size, default.finetune.window_size) == (224, 14)
   with pytest.raises(ValueError, match="config argument"):
     load_config("swinv2_b.py", "512")
+
+
+def test_accum_steps_given_as_digits_over_auto_become_an_int():
+  """`--config.pretrain.accum_steps=12` over g_1536.py's 'auto' reaches the config as the
+  string '12' (the command line parses by the file's type): it must act as 12, and a word
+  other than 'auto' must still be refused."""
+  config = load_config("g_1536.py")
+  config.pretrain.accum_steps = "12"
+  config_lib.validate(config)
+  assert config.pretrain.accum_steps == 12
+  config.pretrain.accum_steps = "many"
+  with pytest.raises(config_lib.ConfigError, match="config.pretrain.accum_steps"):
+    config_lib.validate(config)

@@ -8,22 +8,79 @@ from __future__ import annotations
 import json
 import os
 import struct
+import zipfile
 from typing import Any, Mapping
 
 import numpy as np
 from absl import logging
 
+from swinv2_jax import errors
+
 # Containers that training checkpoints put the state dict in, next to `optimizer` etc.
 _WRAPPER_KEYS = ("model", "state_dict", "module")
+SAFETENSORS_SUFFIXES = (".safetensors",)
+TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+
+
+class CorruptCheckpointError(errors.UserError, ValueError):
+  """A checkpoint file that is cut short or not what its suffix says."""
+
+
+def _corrupt(path: str, problem: str) -> CorruptCheckpointError:
+  return CorruptCheckpointError(
+      f"checkpoint {path} is truncated or corrupt ({problem}); download it again")
+
+
+def check_checkpoint_file(path: str) -> None:
+  """Cheap checks of a checkpoint file, before anything loads it: it exists, has a known
+  suffix, and is whole. A .safetensors file's header is read and its tensors must end within
+  the file; a .pth (zip, torch >= 1.6) must have the zip directory at its end. Only the header
+  and the zip directory are read. Raises FileNotFoundError or CorruptCheckpointError."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"checkpoint {path} does not exist")
+  if path.endswith(SAFETENSORS_SUFFIXES):
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+      head = f.read(8)
+      if len(head) < 8:
+        raise _corrupt(path, f"{size} bytes, less than a safetensors header")
+      (header_len,) = struct.unpack("<Q", head)
+      if 8 + header_len > size:
+        raise _corrupt(path, f"its header claims {header_len} bytes but the file has {size}")
+      try:
+        header = json.loads(f.read(header_len))
+        end = max((int(info["data_offsets"][1]) for name, info in header.items()
+                   if name != "__metadata__"), default=0)
+      except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+        raise _corrupt(path, f"unreadable safetensors header: {e}") from None
+    if 8 + header_len + end > size:
+      raise _corrupt(path, f"{size} bytes where its header needs {8 + header_len + end}")
+  elif path.endswith(TORCH_SUFFIXES):
+    with open(path, "rb") as f:
+      magic = f.read(4)
+    if not magic:
+      raise _corrupt(path, "an empty file")
+    # torch.save writes a zip since torch 1.6; older files are a bare pickle (not checked).
+    if magic == b"PK\x03\x04":
+      try:
+        with zipfile.ZipFile(path):
+          pass
+      except zipfile.BadZipFile as e:
+        raise _corrupt(path, f"broken zip archive: {e}") from None
+  else:
+    raise ValueError(f"unknown checkpoint format {path!r}: expected .safetensors, .pth or .pt")
 
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+  from safetensors import SafetensorError  # pylint: disable=g-import-not-at-top
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
   try:
     return load_file(path)
   except KeyError:
     # safetensors.numpy knows no bfloat16 (numpy has none): parse the file ourselves.
     return _read_safetensors_raw(path)
+  except SafetensorError as e:
+    raise _corrupt(path, str(e)) from e
 
 
 def _read_safetensors_raw(path: str) -> dict[str, np.ndarray]:
@@ -57,6 +114,12 @@ def _read_torch(path: str, trust_pickle: bool) -> Mapping[str, Any]:
         "of numpy arrays.") from e
   try:
     return torch.load(path, map_location="cpu", weights_only=True)
+  except EOFError as e:  # a legacy (bare pickle) file cut short
+    raise _corrupt(path, f"ends early: {e}") from e
+  except RuntimeError as e:  # the zip reader's "PytorchStreamReader failed reading ..."
+    if "PytorchStreamReader" not in str(e):
+      raise
+    raise _corrupt(path, str(e).splitlines()[0]) from e
   except Exception as e:  # pickle.UnpicklingError and friends: non-tensor objects inside
     if not trust_pickle:
       raise ValueError(
@@ -86,14 +149,11 @@ def read_state_dict(source, *, trust_pickle: bool = False) -> dict[str, np.ndarr
   """
   if isinstance(source, (str, os.PathLike)):
     path = os.fspath(source)
-    if not os.path.exists(path):
-      raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if path.endswith(".safetensors"):
+    check_checkpoint_file(path)  # missing, unknown format, truncated: before reading it all
+    if path.endswith(SAFETENSORS_SUFFIXES):
       raw: Mapping[str, Any] = _read_safetensors(path)
-    elif path.endswith((".pth", ".pt", ".bin", ".ckpt")):
-      raw = _read_torch(path, trust_pickle)
     else:
-      raise ValueError(f"unknown checkpoint format {path!r}: expected .safetensors, .pth or .pt")
+      raw = _read_torch(path, trust_pickle)
   elif isinstance(source, Mapping):
     raw = source
   else:

@@ -1,0 +1,329 @@
+"""The workdir contract: what a rerun on the same --workdir may change, and what it rewrites.
+
+A workdir holds the training of one configuration (`config.json`). Once a stage has saved a
+checkpoint, a rerun must bring the same config, except for the keys in `RESUMABLE` (none of them
+changes the function a stage trains) and a stage's `steps` (which may grow, or shrink down to
+that stage's latest checkpoint). A stage's own keys (`pretrain.*`, `finetune.*`) stay free
+until that stage has a checkpoint (e.g. a lower `finetune.base_lr` after a fine-tune that
+diverged before its first one, on a workdir whose pretraining is done); the shared keys
+(`model.*`, `data.*`, `seed`, ...) until any stage has one.
+
+Every check here only reads; the writes (`save_config`, `truncate_metrics`, `write_json`)
+replace a file atomically and run on process 0 only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any, Mapping
+
+import jax
+
+from swinv2_jax import checkpointing
+from swinv2_jax.weights import readers
+from swinv2_jax.config import ConfigError
+
+CONFIG_JSON = "config.json"
+METRICS_JSONL = "metrics.jsonl"
+TRAINING_STAGES = ("pretrain", "finetune")
+
+# Keys a rerun may change on a workdir that holds checkpoints: none of them changes what a stage
+# computes from its checkpoint on. A name ending in "." covers the whole group.
+RESUMABLE = (
+    # When the loop logs and saves: neither changes the update, and a checkpoint holds the same
+    # state and input position whenever it is taken.
+    "pretrain.log_every", "finetune.log_every",
+    "pretrain.checkpoint_every", "finetune.checkpoint_every",
+    # Evaluations while fine-tuning read the parameters and change nothing.
+    "finetune.eval_every",
+    # Only what a non-finite step does (stop, or keep the state as it was); a finite step
+    # makes the same update either way.
+    "pretrain.skip_nonfinite", "finetune.skip_nonfinite",
+    # How many checkpoints are kept, written in the background or not.
+    "checkpoint.",
+    # Which stages run and what the eval stage reads; no stage's training depends on them.
+    "stages", "eval_only", "eval_checkpoint", "dry_run",
+    # Evaluation sums over the valid examples only: the batch size does not change the result.
+    "eval.batch_size",
+    # How processes find each other.
+    "distributed.",
+    # The layout of the same computation over the devices; a checkpoint restores onto any
+    # layout, as it does onto another device count.
+    "mesh.",
+    # The same global batch in other microbatches: the same mean gradient up to float
+    # rounding, as on another device count.
+    "pretrain.accum_steps", "finetune.accum_steps",
+    # Memory for time: recomputation in the backward pass and attention in sequential pieces of
+    # windows compute the same function.
+    "model.remat", "model.attention_chunks",
+    # The dry run's inputs. plan.device_memory_gb also bounds the microbatch that
+    # accum_steps='auto' picks, which (like the device count a run resumes on) splits the same
+    # global batch otherwise, with the same schedule and model.
+    "plan.",
+    # Read only by the command that prepares a data set, never by a run.
+    "data.manual_dir",
+)
+MAX_LISTED = 8  # differing keys named in the refusal; the rest are counted
+
+
+def is_resumable(key: str) -> bool:
+  return any(key == r or (r.endswith(".") and key.startswith(r)) for r in RESUMABLE)
+
+
+def owner(key: str) -> str | None:
+  """The training stage a key belongs to alone, or None for a key shared by the stages."""
+  head = key.split(".", 1)[0]
+  return head if head in TRAINING_STAGES else None
+
+
+# ---------------------------------------------------------------------------------------------
+# What the workdir holds (read only).
+# ---------------------------------------------------------------------------------------------
+def checkpoint_dir(workdir: str, stage: str) -> str:
+  return os.path.join(workdir, stage, "checkpoints")
+
+
+def encoder_dir(workdir: str) -> str:
+  return os.path.join(workdir, "pretrain", "encoder")
+
+
+def latest_steps(workdir: str) -> dict[str, int | None]:
+  """The latest checkpoint step of each training stage (None: none), creating nothing."""
+  return {stage: checkpointing.latest_step(checkpoint_dir(workdir, stage))
+          for stage in TRAINING_STAGES}
+
+
+def trained_stages(workdir: str, latest: Mapping[str, int | None]) -> set[str]:
+  """The training stages whose keys the workdir is bound to: those with a checkpoint (and
+  pretraining when its encoder is there)."""
+  trained = {stage for stage, step in latest.items() if step is not None}
+  if os.path.isdir(encoder_dir(workdir)):
+    trained.add("pretrain")
+  return trained
+
+
+# ---------------------------------------------------------------------------------------------
+# config.json against the new config.
+# ---------------------------------------------------------------------------------------------
+def config_json(config) -> dict:
+  """The config as config.json holds it (tuples become lists)."""
+  return json.loads(config.to_json_best_effort())
+
+
+def flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      out.update(flatten(value, f"{prefix}{key}."))
+    else:
+      out[prefix + str(key)] = value
+  return out
+
+
+def _same(a, b) -> bool:
+  """Equal as JSON values (1 == 1.0, but True != 1)."""
+  if isinstance(a, list) and isinstance(b, list):
+    return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+  if isinstance(a, bool) or isinstance(b, bool) or not isinstance(a, (int, float)) or \
+      not isinstance(b, (int, float)):
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+  return a == b
+
+
+_ABSENT = object()
+
+
+def _show(value) -> str:
+  return "absent" if value is _ABSENT else json.dumps(value, separators=(", ", ": "))
+
+
+def read_config(workdir: str) -> dict | None:
+  path = os.path.join(workdir, CONFIG_JSON)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def check_config(new: dict, workdir: str, latest: Mapping[str, int | None]) -> list[str]:
+  """Compares the new config (`config_json`) with WORKDIR/config.json.
+
+  Raises ConfigError (one line naming every differing key) where the workdir's checkpoints do
+  not allow a difference; returns the log lines of the accepted changes.
+  """
+  path = os.path.join(workdir, CONFIG_JSON)
+  trained = trained_stages(workdir, latest)
+  new_flat = flatten(new)
+  below = {}  # a stage's steps below its latest checkpoint: refused whatever config.json says
+  for stage in TRAINING_STAGES:
+    steps, step = new_flat.get(f"{stage}.steps"), latest.get(stage)
+    if step is not None and isinstance(steps, int) and steps < step:
+      below[f"{stage}.steps"] = f"below its checkpoint at step {step}"
+  old = read_config(workdir)
+  old_flat = {} if old is None else flatten(old)
+  keys = set(below) if old is None else set(old_flat) | set(new_flat) | set(below)
+  refused, notes, free, schedules = [], [], [], []
+  for key in sorted(keys):
+    a, b = old_flat.get(key, _ABSENT), new_flat.get(key, _ABSENT)
+    if key not in below and a is not _ABSENT and b is not _ABSENT and _same(a, b):
+      continue
+    change = f"{key} ({_show(a)} -> {_show(b)})"
+    stage = owner(key)
+    if key in below:
+      was = "" if a is _ABSENT else f"{_show(a)} -> "
+      refused.append(f"{key} ({was}{_show(b)}: {below[key]})")
+    elif is_resumable(key):
+      notes.append(change)
+    elif key.endswith(".steps") and stage and latest.get(stage) is not None:
+      step = latest[stage]
+      schedules.append(f"{stage}: steps {_show(a)} -> {b}: " + (
+          f"the stage ends at its step-{step} checkpoint" if b == step else
+          f"the lr schedule is re-laid over {b} steps from step {step}"))
+    elif (stage in trained) if stage else bool(trained):
+      refused.append(change)
+    else:
+      free.append(change)
+  if refused:
+    more = f" and {len(refused) - MAX_LISTED} more" if len(refused) > MAX_LISTED else ""
+    where = f"differs from {path}" if old is not None else f"does not fit {workdir}"
+    raise ConfigError(f"config {where} in: {', '.join(refused[:MAX_LISTED])}{more}; use a new "
+                      f"--workdir, or set them back")
+  lines = list(schedules)
+  if old is None and trained:
+    lines.append(f"{path} was missing from a workdir with checkpoints: written from this config")
+  if notes:
+    lines.append(f"{CONFIG_JSON} updated: " + "; ".join(notes))
+  if free:
+    untrained = " or ".join(sorted({owner(c.split(" ", 1)[0]) for c in free})) if trained \
+        else "any stage"
+    lines.append(f"{CONFIG_JSON} updated: {', '.join(free)} (no checkpoint of {untrained} yet)")
+  return lines
+
+
+def save_config(workdir: str, new: dict) -> bool:
+  """Writes config.json (process 0) unless it already holds this config; True if written."""
+  old = read_config(workdir)
+  if old is not None:
+    old_flat, new_flat = flatten(old), flatten(new)
+    if old_flat.keys() == new_flat.keys() and all(_same(old_flat[k], v)
+                                                  for k, v in new_flat.items()):
+      return False
+  write_json(os.path.join(workdir, CONFIG_JSON), new)
+  return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic writes and metrics.jsonl.
+# ---------------------------------------------------------------------------------------------
+def _replace(path: str, text: str) -> None:
+  """Writes `text` to a temporary file beside `path`, then renames it over `path`."""
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".",
+                             prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def write_json(path: str, obj) -> None:
+  """`obj` as indented JSON at `path`, replaced atomically (process 0 only)."""
+  if jax.process_index() == 0:
+    _replace(path, json.dumps(obj, indent=2))
+
+
+def _records(path: str):
+  """(line, record or None) for each line of a metrics file; None for a line cut by a kill."""
+  with open(path) as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        record = None
+      yield line, record if isinstance(record, dict) else None
+
+
+def truncate_metrics(workdir: str, stage: str, step: int) -> int:
+  """Before a stage trains on from its checkpoint at `step` (0: from the start), drops the
+  records it logged after that step (and, for fine-tuning, the evaluations made at its steps
+  after it), and any line a kill cut short. Process 0; returns the number of lines dropped."""
+  path = os.path.join(workdir, METRICS_JSONL)
+  if jax.process_index() != 0 or not os.path.exists(path):
+    return 0
+  stages = (stage, "eval") if stage == "finetune" else (stage,)
+  kept, dropped, whole = [], 0, True
+  for line, record in _records(path):
+    whole = line.endswith("\n")
+    if record is None or (record.get("stage") in stages and record.get("step", 0) > step):
+      dropped += 1
+    else:
+      kept.append(line if line.endswith("\n") else line + "\n")
+  if dropped or not whole:
+    _replace(path, "".join(kept))
+  return dropped
+
+
+def eval_records(workdir: str, up_to_step: int) -> list[dict]:
+  """The evaluations made while fine-tuning up to a step, one per step (metrics.jsonl)."""
+  path = os.path.join(workdir, METRICS_JSONL)
+  if not os.path.exists(path):
+    return []
+  records = {}
+  for _, r in _records(path):
+    if r and r.get("stage") == "eval" and "top1" in r and r["step"] <= up_to_step:
+      records[r["step"]] = r
+  return [records[k] for k in sorted(records)]
+
+
+# ---------------------------------------------------------------------------------------------
+# What the stages that will run read.
+# ---------------------------------------------------------------------------------------------
+def _check_readable(key: str, path: str) -> None:
+  if not os.path.exists(path):
+    raise ConfigError(f"config.{key}: {path} does not exist; give a .safetensors or .pth file, "
+                      f"or a parameter directory")
+  if os.path.isdir(path):
+    if not os.access(path, os.R_OK | os.X_OK):
+      raise ConfigError(f"config.{key}: the directory {path} is not readable")
+    if checkpointing.tree_metadata(path) is None:
+      raise ConfigError(f"config.{key}: {path} is a directory but no parameter checkpoint "
+                        f"(as `python -m swinv2_jax.weights` writes, or a pretrain stage's "
+                        f"encoder)")
+  elif not os.access(path, os.R_OK):
+    raise ConfigError(f"config.{key}: {path} is not readable")
+  else:
+    try:  # the header alone: a truncated download is named before anything loads
+      readers.check_checkpoint_file(path)
+    except ValueError as e:
+      raise ConfigError(f"config.{key}: {e}") from e
+
+
+def check_inputs(config, workdir: str, stages, latest: Mapping[str, int | None]) -> None:
+  """Raises ConfigError where a stage that will run lacks what it reads: fine-tuning that
+  starts (no checkpoint yet) from `finetune.init`, an evaluation without fine-tuning from
+  `eval_checkpoint` or the workdir's fine-tune checkpoint."""
+  if "finetune" in stages and latest.get("finetune") is None:
+    init = config.finetune.init
+    if init == "pretrain":
+      if "pretrain" not in stages and not os.path.isdir(encoder_dir(workdir)):
+        raise ConfigError(
+            f"config.finetune.init: 'pretrain', but {encoder_dir(workdir)} does not exist and "
+            f"config.stages has no 'pretrain': run the pretrain stage first, or set "
+            f"finetune.init to 'scratch' or a checkpoint path")
+    elif init != "scratch":
+      _check_readable("finetune.init", init)
+  if "eval" in stages and "finetune" not in stages:
+    if config.eval_checkpoint:
+      _check_readable("eval_checkpoint", config.eval_checkpoint)
+    elif latest.get("finetune") is None:
+      raise ConfigError(
+          f"config.eval_checkpoint: empty, and no fine-tuning checkpoint in "
+          f"{checkpoint_dir(workdir, 'finetune')} to evaluate: run the finetune stage first, "
+          f"or set config.eval_checkpoint to a checkpoint path")

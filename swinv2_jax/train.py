@@ -298,10 +298,20 @@ def finetune_init_params(config, workdir: str, num_classes: int, layout) -> Para
     abstract = trainer_lib.split_params(encoder)[1]
     return checkpointing.load_tree(encoder_dir, abstract, layout.params(abstract))
   model = trainer_lib.build_classifier(config, "finetune", num_classes)
-  if os.path.isdir(init):
-    weights.load_params(init, model)
-  else:
-    weights.load_pytorch_weights(model, init, drop_head=config.finetune.drop_head)
+  try:
+    if os.path.isdir(init):
+      weights.load_params(init, model)
+    else:
+      weights.load_pytorch_weights(model, init, drop_head=config.finetune.drop_head)
+  except ValueError as e:  # missing, unexpected or mis-shaped weights: say which key fixes it
+    fix = ("set config.finetune.drop_head=True to keep the model's own head"
+           if "drop_head" in str(e) else
+           "set config.model.* to the checkpoint's architecture, or use another finetune.init")
+    details = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
+    shown = f"{details[0]}, and {len(details) - 1} more" if len(details) > 1 else (
+        details[0] if details else str(e))
+    raise config_lib.ConfigError(
+        f"config.finetune.init: {init} does not fit the model ({fix}): {shown}") from e
   return trainer_lib.split_params(model)[1]
 
 
@@ -319,6 +329,15 @@ def run(config, workdir: str) -> dict:
   info = data_lib.dataset_info(config.data)  # builds digits on first use, outside the workdir
   resolved = workdir_lib.config_json(config)
   changes = workdir_lib.check_config(resolved, workdir, latest)
+  # Weights from outside the workdir are loaded now, so that one of another size or head is
+  # refused (naming the key that fixes it) before anything is written.
+  init = None
+  if ("finetune" in stages and latest["finetune"] is None
+      and config.finetune.init not in ("pretrain", "scratch")):
+    init = finetune_init_params(config, workdir, info.num_classes, layout)
+  final = None  # (params, ema, source, step) of the evaluation
+  if "eval" in stages and "finetune" not in stages and config.eval_checkpoint:
+    final = load_eval_params(config, workdir, info.num_classes, layout)
 
   # The first write.
   os.makedirs(workdir, exist_ok=True)
@@ -331,7 +350,7 @@ def run(config, workdir: str) -> dict:
   evaluator = None
   if "eval" in stages or ("finetune" in stages and config.finetune.eval_every):
     evaluator = Evaluator(config, info.num_classes, layout)
-  final, evals = None, []  # final: (params, ema, source, step)
+  evals = []
   for stage in stages:
     done = latest.get(stage) is not None and latest[stage] >= config[stage].steps
     if stage == "pretrain":
@@ -351,9 +370,10 @@ def run(config, workdir: str) -> dict:
           final = load_finetune_params(config, workdir, info.num_classes, layout)
           evals = prior_eval_records(workdir, final[3])
         continue
-      # Only a fine-tune that starts (no checkpoint yet) reads its initial weights.
-      init = (finetune_init_params(config, workdir, info.num_classes, layout)
-              if latest[stage] is None else None)
+      # Only a fine-tune that starts (no checkpoint yet) reads its initial weights: loaded
+      # above from a file, or now from the encoder that pretraining has just exported.
+      if latest[stage] is None and config.finetune.init == "pretrain":
+        init = finetune_init_params(config, workdir, info.num_classes, layout)
       task = trainer_lib.finetune_task(config, info.num_classes)
       state, evals = train_stage(config, workdir, task, layout, writer, init_params=init,
                                  evaluator=evaluator)

@@ -10,6 +10,7 @@ import logging
 import os
 import subprocess
 import sys
+import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -253,7 +254,8 @@ def test_pth(tmp_path):
 
 def test_pth_without_torch_says_safetensors_needs_none(tmp_path, monkeypatch):
   path = tmp_path / "weights.pth"
-  path.write_bytes(b"")
+  with zipfile.ZipFile(path, "w") as archive:  # whole, as torch.save writes: only torch is missing
+    archive.writestr("weights/data.pkl", b"")
   monkeypatch.setitem(sys.modules, "torch", None)
   with pytest.raises(ImportError, match="safetensors"):
     weights.load_pytorch_weights(abstract(), str(path))

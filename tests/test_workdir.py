@@ -8,10 +8,13 @@ import os
 import shutil
 
 import pytest
+import safetensors.numpy
 
 from swinv2_jax import config as config_lib
 from swinv2_jax import data
 from swinv2_jax import train
+from swinv2_jax import trainer as trainer_lib
+from swinv2_jax import weights
 from swinv2_jax import workdir as workdir_lib
 
 from helpers import load_config
@@ -113,6 +116,22 @@ def test_refused_runs_write_nothing(data_dir, tmp_path):
           r".*finetune/checkpoints to evaluate")
   config.eval_checkpoint = str(tmp_path / "missing.pth")
   refused(config, fresh, r"^config.eval_checkpoint: .*missing.pth does not exist; give a")
+
+  # Weights of another size, or with a head for 1000 classes and drop_head off: refused with
+  # the key that fixes it, before anything is written.
+  for change, fix in ((dict(embed_dim=32, num_heads=(2, 4)), "config.model"),
+                      (dict(num_classes=1000), "config.finetune.drop_head=True")):
+    wrong = tiny_config(data_dir)
+    wrong.stages, wrong.finetune.drop_head = ("finetune",), False
+    other = wrong.copy_and_resolve_references()
+    num_classes = change.pop("num_classes", 10)
+    other.model.update(change)
+    path = str(tmp_path / f"other_{num_classes}.safetensors")
+    safetensors.numpy.save_file(weights.to_pytorch_state_dict(
+        trainer_lib.build_classifier(other, "finetune", num_classes)), path)
+    wrong.finetune.init = path
+    message = refused(wrong, fresh, r"^config.finetune.init: .* does not fit the model \(")
+    assert fix in message, message
 
   # The same refusals leave an existing workdir byte for byte (and mtime for mtime) as it was.
   existing = tmp_path / "existing"

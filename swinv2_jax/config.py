@@ -7,7 +7,7 @@ here is an error, and so is a bad value: one line that names the key.
 from __future__ import annotations
 
 import difflib
-from typing import Any
+from typing import Any, Mapping
 
 import ml_collections
 from ml_collections import config_dict
@@ -122,20 +122,16 @@ def _fail(key: str, message: str):
   raise ConfigError(f"config.{key}: {message}")
 
 
-def flatten(config: ml_collections.ConfigDict | None = None) -> dict[str, Any]:
-  """Every setting of `config` (default: `base_config()`) as {'group.key': value}, in the
-  config's (sorted) order; groups are walked, not listed."""
-  config = base_config() if config is None else config
+def flatten(tree=None, prefix: str = "") -> dict[str, Any]:
+  """Every setting of a config (default: `base_config()`) or of its JSON dict as
+  {'group.key': value}, in the tree's order; groups are walked, not listed."""
+  tree = base_config() if tree is None else tree
   out = {}
-
-  def walk(group, prefix):
-    for key in group.keys():
-      value = group[key]
-      if isinstance(value, ml_collections.ConfigDict):
-        walk(value, f"{prefix}{key}.")
-      else:
-        out[prefix + key] = value
-  walk(config, "")
+  for key, value in tree.items():
+    if isinstance(value, (ml_collections.ConfigDict, Mapping)):
+      out.update(flatten(value, f"{prefix}{key}."))
+    else:
+      out[prefix + str(key)] = value
   return out
 
 

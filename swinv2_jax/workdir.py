@@ -17,13 +17,13 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import Any, Mapping
+from typing import Mapping
 
 import jax
 
 from swinv2_jax import checkpointing
 from swinv2_jax.weights import readers
-from swinv2_jax.config import ConfigError
+from swinv2_jax.config import ConfigError, flatten
 
 CONFIG_JSON = "config.json"
 METRICS_JSONL = "metrics.jsonl"
@@ -110,16 +110,6 @@ def trained_stages(workdir: str, latest: Mapping[str, int | None]) -> set[str]:
 def config_json(config) -> dict:
   """The config as config.json holds it (tuples become lists)."""
   return json.loads(config.to_json_best_effort())
-
-
-def flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, Mapping):
-      out.update(flatten(value, f"{prefix}{key}."))
-    else:
-      out[prefix + str(key)] = value
-  return out
 
 
 def _same(a, b) -> bool:

@@ -27,6 +27,7 @@ _FOLDER = flags.DEFINE_string("folder", None, "image root for --dataset=folder")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "output image size")
 _BATCH = flags.DEFINE_integer("batch", 64, "batch size (this process)")
 _WORKERS = flags.DEFINE_integer("workers", 0, "grain worker processes (0 = in-process threads)")
+_THREADS = flags.DEFINE_integer("threads", 0, "data.num_threads (0 = one per core)")
 _PREFETCH = flags.DEFINE_integer("prefetch", 2, "data.prefetch")
 _STEPS = flags.DEFINE_integer("steps", 20, "timed batches")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "untimed batches first (worker start-up)")
@@ -73,12 +74,17 @@ def main(argv):
       if _DATASET.value == "synthetic":
         cfg.folder = os.path.join(tmp, "synthetic")
         _write_synthetic(cfg.folder, _NUM_SYNTHETIC.value)
-    cfg.num_workers, cfg.prefetch = _WORKERS.value, _PREFETCH.value
+    cfg.num_workers, cfg.num_threads, cfg.prefetch = (_WORKERS.value, _THREADS.value,
+                                                      _PREFETCH.value)
+    # The cores that decode: the worker processes, else the reader's threads.
+    cores = min(_WORKERS.value or _THREADS.value or len(os.sched_getaffinity(0)),
+                len(os.sched_getaffinity(0)))
     kinds = ["supervised", "simmim"] if _KIND.value == "both" else [_KIND.value]
     for kind in kinds:
       rate = _images_per_second(cfg, kind)
       print(f"{kind:10s} dataset={_DATASET.value} size={_IMAGE_SIZE.value} batch={_BATCH.value} "
-            f"workers={_WORKERS.value} cpus={os.cpu_count()}: {rate:,.0f} images/s", flush=True)
+            f"workers={_WORKERS.value} threads={_THREADS.value}: {rate:,.0f} images/s on "
+            f"{cores} cores, {rate / cores:,.0f} images/s per core", flush=True)
 
 
 if __name__ == "__main__":

@@ -5,11 +5,13 @@
 # and JAX reads the slice's hosts and its own worker number from the TPU metadata server.
 #
 #   TPU_NAME=my-v4-32 ZONE=us-central2-b launch/tpu_vm_pod.sh setup
-#   TPU_NAME=my-v4-32 ZONE=us-central2-b WORKDIR=/mnt/shared/swinv2_t \
-#       launch/tpu_vm_pod.sh run --config=configs/swinv2_t.py
+#   TPU_NAME=my-v4-32 ZONE=us-central2-b WORKDIR=gs://my-bucket/runs/swinv2_b \
+#       launch/tpu_vm_pod.sh run --config=configs/swinv2_b.py \
+#       --config.data.data_dir=gs://my-bucket/tensorflow_datasets
 #
-# WORKDIR must be one folder every worker sees (an NFS / Filestore mount or a gcsfuse-mounted
-# bucket at the same path): all workers write the same orbax checkpoint.
+# WORKDIR is one place every worker sees, since all workers write the same orbax checkpoint:
+# a gs:// bucket (the workers' service account needs write access; docs/cloud.md) or a folder
+# shared at the same path (Filestore / NFS).
 set -euo pipefail
 
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}"
@@ -36,7 +38,7 @@ case "${1:-}" in
     ;;
   run)
     shift
-    : "${WORKDIR:?set WORKDIR to a folder shared by all workers}"
+    : "${WORKDIR:?set WORKDIR to gs://BUCKET/PATH or a folder shared by all workers}"
     args=$(printf ' %q' "$@")
     # Output of every worker streams back here, prefixed by gcloud with the worker number.
     on_all_workers "cd ~/$remote_dir && ~/venv/bin/python -m swinv2_jax.main$args \

@@ -48,19 +48,50 @@ def slurm_local_device_ids() -> list[int] | None:
 
 def initialize(cfg) -> None:
   env = os.environ
+  timeout = dict(heartbeat_timeout_seconds=int(cfg.heartbeat_timeout_s))
   if cfg.coordinator_address == AUTO:
-    jax.distributed.initialize(local_device_ids=slurm_local_device_ids())
+    jax.distributed.initialize(local_device_ids=slurm_local_device_ids(), **timeout)
   elif cfg.coordinator_address:
     if cfg.num_processes < 1 or cfg.process_id < 0:
       raise ValueError("config.distributed: coordinator_address needs num_processes >= 1 and "
                        "process_id >= 0")
-    jax.distributed.initialize(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
+    jax.distributed.initialize(cfg.coordinator_address, cfg.num_processes, cfg.process_id,
+                               **timeout)
   elif env.get("JAX_COORDINATOR_ADDRESS"):
     jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"], int(env["JAX_NUM_PROCESSES"]),
-                               int(env["JAX_PROCESS_ID"]))
+                               int(env["JAX_PROCESS_ID"]), **timeout)
   elif _cluster_detected():
-    jax.distributed.initialize(local_device_ids=slurm_local_device_ids())
+    jax.distributed.initialize(local_device_ids=slurm_local_device_ids(), **timeout)
   else:
     return
   logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+# ---------------------------------------------------------------------------------------------
+# A lost peer.
+# ---------------------------------------------------------------------------------------------
+# What a collective or a coordination-service call raises when another process has died:
+# gloo's and NCCL's broken connections, gRPC's UNAVAILABLE, the service's heartbeat verdict.
+_PEER_FAILURE_WORDS = ("Gloo", "NCCL", "Connection reset", "Connection refused", "UNAVAILABLE",
+                       "heartbeat", "coordination service", "Socket closed", "DEADLINE_EXCEEDED")
+
+
+def lost_processes(error: BaseException) -> list[int] | None:
+  """The processes this multi-process run has lost, when `error` looks like a lost peer's;
+  None when it does not (or in a single-process run).
+
+  Asks the coordination service which processes are alive: that answers once the service has
+  given up on the dead ones (`distributed.heartbeat_timeout_s`), which bounds the wait. A
+  coordinator that does not answer is itself lost: process 0 runs the service.
+  """
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+  client = jax_distributed.global_state.client
+  count = jax.process_count()
+  if client is None or count == 1 or not any(w in str(error) for w in _PEER_FAILURE_WORDS):
+    return None
+  try:
+    alive = client.get_live_nodes(list(range(count)))
+  except Exception:  # pylint: disable=broad-except  (the service itself is gone)
+    return [0]
+  return sorted(set(range(count)) - set(alive))

@@ -22,6 +22,8 @@ import sys
 from typing import Sequence
 
 EXIT_USER_ERROR = 2
+# Another process of a multi-process run died: this one stops instead of waiting forever.
+EXIT_LOST_PROCESS = 3
 # The most lines of a message the CLI prints; the rest is behind --verbose.
 MAX_LINES = 4
 

@@ -9,19 +9,26 @@ diverged before its first one, on a workdir whose pretraining is done); the shar
 (`model.*`, `data.*`, `seed`, ...) until any stage has one.
 
 Every check here only reads; the writes (`save_config`, `truncate_metrics`, `write_json`)
-replace a file atomically and run on process 0 only.
+replace a file atomically and run on process 0 only. A workdir is a local folder or a gs://
+URL: every path goes through `swinv2_jax.paths` (etils.epath).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Mapping
 
 import jax
+import orbax.checkpoint as ocp
+from etils import epath
 
 from swinv2_jax import checkpointing
+from swinv2_jax import config as config_lib
+from swinv2_jax import errors
+from swinv2_jax import paths
+from swinv2_jax.weights import export
+from swinv2_jax.weights import hub
 from swinv2_jax.weights import readers
 from swinv2_jax.config import ConfigError, flatten
 
@@ -36,6 +43,9 @@ RESUMABLE = (
     # state and input position whenever it is taken.
     "pretrain.log_every", "finetune.log_every",
     "pretrain.checkpoint_every", "finetune.checkpoint_every",
+    # TensorBoard's SimMIM images: drawn from a batch by their own jitted function, outside the
+    # update step, which they neither change nor wait for.
+    "pretrain.image_every",
     # Evaluations while fine-tuning read the parameters and change nothing.
     "finetune.eval_every",
     # Only what a non-finite step does (stop, or keep the state as it was); a finite step
@@ -58,12 +68,18 @@ RESUMABLE = (
     # Memory for time: recomputation in the backward pass and attention in sequential pieces of
     # windows compute the same function.
     "model.remat", "model.attention_chunks",
+    # The fused attention of unshifted windows computes the einsums' function up to float
+    # rounding (the logit scale folded into q; tests/test_attention.py).
+    "model.attention_impl",
     # The dry run's inputs. plan.device_memory_gb also bounds the microbatch that
     # accum_steps='auto' picks, which (like the device count a run resumes on) splits the same
     # global batch otherwise, with the same schedule and model.
     "plan.",
     # Read only by the command that prepares a data set, never by a run.
     "data.manual_dir",
+    # How many workers decode, how far ahead: the stream is a function of (seed, step) alone
+    # (data/pipeline.py), whatever reads it.
+    "data.num_workers", "data.num_threads", "data.prefetch",
 )
 MAX_LISTED = 8  # differing keys named in the refusal; the rest are counted
 
@@ -81,12 +97,36 @@ def owner(key: str) -> str | None:
 # ---------------------------------------------------------------------------------------------
 # What the workdir holds (read only).
 # ---------------------------------------------------------------------------------------------
+def check_workdir(workdir: str) -> None:
+  """Raises a UserError where --workdir cannot hold a run: an object store whose checkpoints
+  orbax cannot write, or a bucket that does not exist. Reads only (a missing bucket is never
+  created)."""
+  scheme = paths.scheme(workdir)
+  if scheme is None:
+    return
+  if scheme not in paths.CHECKPOINT_SCHEMES:
+    raise errors.UserError(
+        f"--workdir: {scheme}:// is not supported: orbax {ocp.__version__} writes checkpoints "
+        f"to local paths and gs:// only; use --workdir=gs://BUCKET/PATH or a local folder")
+  name = workdir.split("://", 1)[1].split("/", 1)[0]
+  bucket = f"{scheme}://{name}"
+  try:
+    found = bool(name) and epath.Path(bucket).exists()
+  except Exception as e:  # pylint: disable=broad-except  (credentials, network, permissions)
+    raise errors.UserError(f"--workdir: cannot read the bucket {bucket}: {type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''}") from e
+  if not found:
+    raise errors.UserError(
+        f"--workdir: the bucket {bucket} does not exist or these credentials cannot see it; "
+        f"create it (gcloud storage buckets create {bucket}) or fix the name")
+
+
 def checkpoint_dir(workdir: str, stage: str) -> str:
-  return os.path.join(workdir, stage, "checkpoints")
+  return paths.join(workdir, stage, "checkpoints")
 
 
 def encoder_dir(workdir: str) -> str:
-  return os.path.join(workdir, "pretrain", "encoder")
+  return paths.join(workdir, "pretrain", "encoder")
 
 
 def latest_steps(workdir: str) -> dict[str, int | None]:
@@ -99,7 +139,7 @@ def trained_stages(workdir: str, latest: Mapping[str, int | None]) -> set[str]:
   """The training stages whose keys the workdir is bound to: those with a checkpoint (and
   pretraining when its encoder is there)."""
   trained = {stage for stage, step in latest.items() if step is not None}
-  if os.path.isdir(encoder_dir(workdir)):
+  if epath.Path(encoder_dir(workdir)).is_dir():
     trained.add("pretrain")
   return trained
 
@@ -112,29 +152,11 @@ def config_json(config) -> dict:
   return json.loads(config.to_json_best_effort())
 
 
-def _same(a, b) -> bool:
-  """Equal as JSON values (1 == 1.0, but True != 1)."""
-  if isinstance(a, list) and isinstance(b, list):
-    return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-  if isinstance(a, bool) or isinstance(b, bool) or not isinstance(a, (int, float)) or \
-      not isinstance(b, (int, float)):
-    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
-  return a == b
-
-
-_ABSENT = object()
-
-
-def _show(value) -> str:
-  return "absent" if value is _ABSENT else json.dumps(value, separators=(", ", ": "))
-
-
 def read_config(workdir: str) -> dict | None:
-  path = os.path.join(workdir, CONFIG_JSON)
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / CONFIG_JSON
+  if not path.exists():
     return None
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(path.read_text())
 
 
 def check_config(new: dict, workdir: str, latest: Mapping[str, int | None]) -> list[str]:
@@ -143,7 +165,7 @@ def check_config(new: dict, workdir: str, latest: Mapping[str, int | None]) -> l
   Raises ConfigError (one line naming every differing key) where the workdir's checkpoints do
   not allow a difference; returns the log lines of the accepted changes.
   """
-  path = os.path.join(workdir, CONFIG_JSON)
+  path = paths.join(workdir, CONFIG_JSON)
   trained = trained_stages(workdir, latest)
   new_flat = flatten(new)
   below = {}  # a stage's steps below its latest checkpoint: refused whatever config.json says
@@ -156,19 +178,20 @@ def check_config(new: dict, workdir: str, latest: Mapping[str, int | None]) -> l
   keys = set(below) if old is None else set(old_flat) | set(new_flat) | set(below)
   refused, notes, free, schedules = [], [], [], []
   for key in sorted(keys):
-    a, b = old_flat.get(key, _ABSENT), new_flat.get(key, _ABSENT)
-    if key not in below and a is not _ABSENT and b is not _ABSENT and _same(a, b):
+    a, b = old_flat.get(key, config_lib.ABSENT), new_flat.get(key, config_lib.ABSENT)
+    if (key not in below and a is not config_lib.ABSENT and b is not config_lib.ABSENT
+        and config_lib.same_value(a, b)):
       continue
-    change = f"{key} ({_show(a)} -> {_show(b)})"
+    change = f"{key} ({config_lib.show_value(a)} -> {config_lib.show_value(b)})"
     stage = owner(key)
     if key in below:
-      was = "" if a is _ABSENT else f"{_show(a)} -> "
-      refused.append(f"{key} ({was}{_show(b)}: {below[key]})")
+      was = "" if a is config_lib.ABSENT else f"{config_lib.show_value(a)} -> "
+      refused.append(f"{key} ({was}{config_lib.show_value(b)}: {below[key]})")
     elif is_resumable(key):
       notes.append(change)
     elif key.endswith(".steps") and stage and latest.get(stage) is not None:
       step = latest[stage]
-      schedules.append(f"{stage}: steps {_show(a)} -> {b}: " + (
+      schedules.append(f"{stage}: steps {config_lib.show_value(a)} -> {b}: " + (
           f"the stage ends at its step-{step} checkpoint" if b == step else
           f"the lr schedule is re-laid over {b} steps from step {step}"))
     elif (stage in trained) if stage else bool(trained):
@@ -197,41 +220,25 @@ def save_config(workdir: str, new: dict) -> bool:
   old = read_config(workdir)
   if old is not None:
     old_flat, new_flat = flatten(old), flatten(new)
-    if old_flat.keys() == new_flat.keys() and all(_same(old_flat[k], v)
+    if old_flat.keys() == new_flat.keys() and all(config_lib.same_value(old_flat[k], v)
                                                   for k, v in new_flat.items()):
       return False
-  write_json(os.path.join(workdir, CONFIG_JSON), new)
+  write_json(paths.join(workdir, CONFIG_JSON), new)
   return True
 
 
 # ---------------------------------------------------------------------------------------------
 # Atomic writes and metrics.jsonl.
 # ---------------------------------------------------------------------------------------------
-def _replace(path: str, text: str) -> None:
-  """Writes `text` to a temporary file beside `path`, then renames it over `path`."""
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".",
-                             prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def write_json(path: str, obj) -> None:
   """`obj` as indented JSON at `path`, replaced atomically (process 0 only)."""
   if jax.process_index() == 0:
-    _replace(path, json.dumps(obj, indent=2))
+    paths.write_text(path, json.dumps(obj, indent=2))
 
 
 def _records(path: str):
   """(line, record or None) for each line of a metrics file; None for a line cut by a kill."""
-  with open(path) as f:
+  with epath.Path(path).open() as f:
     for line in f:
       try:
         record = json.loads(line)
@@ -244,8 +251,8 @@ def truncate_metrics(workdir: str, stage: str, step: int) -> int:
   """Before a stage trains on from its checkpoint at `step` (0: from the start), drops the
   records it logged after that step (and, for fine-tuning, the evaluations made at its steps
   after it), and any line a kill cut short. Process 0; returns the number of lines dropped."""
-  path = os.path.join(workdir, METRICS_JSONL)
-  if jax.process_index() != 0 or not os.path.exists(path):
+  path = paths.join(workdir, METRICS_JSONL)
+  if jax.process_index() != 0 or not epath.Path(path).exists():
     return 0
   stages = (stage, "eval") if stage == "finetune" else (stage,)
   kept, dropped, whole = [], 0, True
@@ -256,14 +263,14 @@ def truncate_metrics(workdir: str, stage: str, step: int) -> int:
     else:
       kept.append(line if line.endswith("\n") else line + "\n")
   if dropped or not whole:
-    _replace(path, "".join(kept))
+    paths.write_text(path, "".join(kept))
   return dropped
 
 
 def eval_records(workdir: str, up_to_step: int) -> list[dict]:
   """The evaluations made while fine-tuning up to a step, one per step (metrics.jsonl)."""
-  path = os.path.join(workdir, METRICS_JSONL)
-  if not os.path.exists(path):
+  path = paths.join(workdir, METRICS_JSONL)
+  if not epath.Path(path).exists():
     return []
   records = {}
   for _, r in _records(path):
@@ -276,16 +283,27 @@ def eval_records(workdir: str, up_to_step: int) -> list[dict]:
 # What the stages that will run read.
 # ---------------------------------------------------------------------------------------------
 def _check_readable(key: str, path: str) -> None:
-  if not os.path.exists(path):
+  if hub.is_hub_id(path):  # fetched where train.run loads it, still before its first write
+    try:
+      hub.timm_model_name(path)
+    except hub.HubError as e:
+      raise ConfigError(f"config.{key}: {e}") from e
+    return
+  if not epath.Path(path).exists():
     raise ConfigError(f"config.{key}: {path} does not exist; give a .safetensors or .pth file, "
-                      f"or a parameter directory")
-  if os.path.isdir(path):
-    if not os.access(path, os.R_OK | os.X_OK):
+                      f"an hf-hub:<owner>/<name> id, or a parameter or checkpoint directory")
+  if epath.Path(path).is_dir():
+    if paths.is_local(path) and not os.access(path, os.R_OK | os.X_OK):
       raise ConfigError(f"config.{key}: the directory {path} is not readable")
-    if checkpointing.tree_metadata(path) is None:
+    try:
+      export.find_params(path)
+    except FileNotFoundError:
       raise ConfigError(f"config.{key}: {path} is a directory but no parameter checkpoint "
-                        f"(as `python -m swinv2_jax.weights` writes, or a pretrain stage's "
-                        f"encoder)")
+                        f"(as `python -m swinv2_jax.weights` writes, a pretrain stage's "
+                        f"encoder, or a fine-tune checkpoint)") from None
+  elif not paths.is_local(path):
+    raise ConfigError(f"config.{key}: {path}: weight files are read from a local disk; copy it "
+                      f"to one (a parameter directory may be on gs://)")
   elif not os.access(path, os.R_OK):
     raise ConfigError(f"config.{key}: {path} is not readable")
   else:
@@ -302,7 +320,7 @@ def check_inputs(config, workdir: str, stages, latest: Mapping[str, int | None])
   if "finetune" in stages and latest.get("finetune") is None:
     init = config.finetune.init
     if init == "pretrain":
-      if "pretrain" not in stages and not os.path.isdir(encoder_dir(workdir)):
+      if "pretrain" not in stages and not epath.Path(encoder_dir(workdir)).is_dir():
         raise ConfigError(
             f"config.finetune.init: 'pretrain', but {encoder_dir(workdir)} does not exist and "
             f"config.stages has no 'pretrain': run the pretrain stage first, or set "

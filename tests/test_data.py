@@ -141,23 +141,40 @@ def test_same_seed_same_stream_different_seed_different(digits_cfg):
                             np.concatenate([x["label"] for x in c]))
 
 
-def test_process_shares_are_disjoint_and_epochs_reshuffled(tmp_path):
+def _global_ids(cfg, process_count, steps, start_step=0):
+  """Record ids of global batches start_step .. start_step + steps - 1, read by `process_count`
+  processes (each process's slice, concatenated in process order)."""
+  slices = [_take(data.build_train_iterator(
+      cfg, kind="supervised", image_size=8, global_batch_size=10, seed=3, process_index=p,
+      process_count=process_count, start_step=start_step), steps) for p in range(process_count)]
+  assert all(b["image"].shape == (10 // process_count, 8, 8, 3) for s in slices for b in s)
+  return np.concatenate([_ids(np.concatenate([s[i]["image"] for s in slices]), cfg)
+                         for i in range(steps)])
+
+
+def test_global_batches_do_not_depend_on_the_process_count_and_epochs_reshuffle(tmp_path):
   _id_folder(tmp_path, 20)
   cfg = _identity_cfg(tmp_path)
-  ids = {}
-  for p in (0, 1):
-    it = data.build_train_iterator(cfg, kind="supervised", image_size=8, global_batch_size=10,
-                                   seed=3, process_index=p, process_count=2)
-    batches = _take(it, 4)  # per-process batch 5, shard of 10: two epochs
-    assert all(b["image"].shape == (5, 8, 8, 3) for b in batches)
-    ids[p] = _ids(np.concatenate([b["image"] for b in batches]), cfg)
-  record_ids = np.array(list(range(0, 20, 2)) + list(range(1, 20, 2)))  # files sorted by class
-  for p in (0, 1):
-    # each epoch is a permutation of this process's shard (records p, p+2, ...)
-    np.testing.assert_array_equal(np.sort(ids[p][:10]), np.sort(record_ids[p::2]))
-    np.testing.assert_array_equal(np.sort(ids[p][10:]), np.sort(record_ids[p::2]))
-    assert not np.array_equal(ids[p][:10], ids[p][10:]), "epoch 2 must be reshuffled"
-  assert not set(ids[0]) & set(ids[1])
+  one = _global_ids(cfg, 1, 6)  # 60 examples: three epochs of 20
+  np.testing.assert_array_equal(_global_ids(cfg, 2, 6), one)
+  np.testing.assert_array_equal(_global_ids(cfg, 5, 6), one)
+  for epoch in range(3):  # each epoch is a permutation of the split, shuffled anew
+    np.testing.assert_array_equal(np.sort(one[20 * epoch:20 * epoch + 20]), np.arange(20))
+  assert not np.array_equal(one[:20], one[20:40]), "epoch 2 must be reshuffled"
+
+
+def test_elastic_resume_skips_and_repeats_no_example(tmp_path):
+  """2 processes for 3 steps, then a resume at step 3 on 1 process (and on 5): the example ids
+  are those of one uninterrupted stream, so within an epoch none is seen twice or skipped."""
+  _id_folder(tmp_path, 20)
+  cfg = _identity_cfg(tmp_path)
+  uninterrupted = _global_ids(cfg, 1, 6)
+  before = _global_ids(cfg, 2, 3)
+  for resumed_on in (1, 5):
+    after = _global_ids(cfg, resumed_on, 3, start_step=3)
+    np.testing.assert_array_equal(np.concatenate([before, after]), uninterrupted)
+  seen = np.concatenate([before, _global_ids(cfg, 1, 1, start_step=3)])[:20]
+  np.testing.assert_array_equal(np.sort(seen), np.arange(20))
 
 
 def test_restored_iterator_continues_exactly(digits_cfg):

@@ -20,10 +20,9 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import ROOT, load_config  # tests/ is on sys.path, as a script too
+from helpers import ROOT, child_env, config_args, load_config  # tests/ is on sys.path, as a script too
 
 LAUNCHER = os.path.join(ROOT, "launch", "local_multiprocess.sh")
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 NUM_PROCESSES, DEVICES_PER_PROCESS = 2, 2
 
 # Overrides of configs/digits.py:tiny, given to the pair on the command line and applied to
@@ -125,23 +124,6 @@ def _reference(data_dir: str, workdir: str, out: str):
 # ---------------------------------------------------------------------------------------------
 # The test.
 # ---------------------------------------------------------------------------------------------
-def _cli_value(value) -> str:
-  return repr(tuple(value)) if isinstance(value, tuple) else str(value)
-
-
-def _env(extra_xla_flags: str = "") -> dict:
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = " ".join([env.get("XLA_FLAGS", ""), FAST_COMPILE, extra_xla_flags]).strip()
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
-  # The suite's compilation cache (tests/conftest.py), for the children too.
-  import jax
-  if jax.config.jax_compilation_cache_dir:
-    env.setdefault("JAX_COMPILATION_CACHE_DIR", jax.config.jax_compilation_cache_dir)
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-  return env
-
-
 def _run(cmd, env, timeout, what):
   """Runs `cmd` in its own process group, so a hang can be ended with all it started."""
   child = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -170,8 +152,8 @@ def test_two_processes_match_one_and_their_checkpoint_restores_on_one(data_dir, 
   workdir, logs = str(tmp_path / "run"), str(tmp_path / "logs")
   overrides = dict(OVERRIDES, **{"data.data_dir": data_dir})
   cmd = [LAUNCHER, str(NUM_PROCESSES), str(DEVICES_PER_PROCESS), "--config=configs/digits.py:tiny",
-         f"--workdir={workdir}"] + [f"--config.{k}={_cli_value(v)}" for k, v in overrides.items()]
-  _run(cmd, dict(_env(), LOG_DIR=logs), timeout=300, what="the 2-process main job")
+         f"--workdir={workdir}"] + config_args(overrides)
+  _run(cmd, dict(child_env(), LOG_DIR=logs), timeout=300, what="the 2-process main job")
   for p in range(NUM_PROCESSES):
     with open(os.path.join(logs, f"process_{p}.log")) as f:
       assert f"process {p} of {NUM_PROCESSES}, {DEVICES_PER_PROCESS} local / 4 global" in f.read()
@@ -188,7 +170,7 @@ def test_two_processes_match_one_and_their_checkpoint_restores_on_one(data_dir, 
 
   out = str(tmp_path / "reference.npz")
   _run([sys.executable, os.path.abspath(__file__), "--data-dir", data_dir, "--workdir", workdir,
-        "--out", out], _env("--xla_force_host_platform_device_count=4"), timeout=300,
+        "--out", out], child_env("--xla_force_host_platform_device_count=4"), timeout=300,
        what="the 1-process reference")
   ref = np.load(out)
 
@@ -223,10 +205,15 @@ def _start_up(monkeypatch, coordinator_address="", **env):
   for key, value in env.items():
     monkeypatch.setenv(key, value)
   calls = []
-  monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
+
+  def initialize(*args, heartbeat_timeout_seconds, **kwargs):
+    assert heartbeat_timeout_seconds == 30  # config.distributed.heartbeat_timeout_s, every way
+    calls.append((args, kwargs))
+
+  monkeypatch.setattr(jax.distributed, "initialize", initialize)
   monkeypatch.setattr(jax, "process_index", lambda: 0)
   cfg = ml_collections.ConfigDict(dict(coordinator_address=coordinator_address,
-                                       num_processes=0, process_id=-1))
+                                       num_processes=0, process_id=-1, heartbeat_timeout_s=30))
   distributed.initialize(cfg)
   return calls
 

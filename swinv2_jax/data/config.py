@@ -30,6 +30,7 @@ def default_data_config(name: str = "imagenet2012") -> ml_collections.ConfigDict
   # None: 'validation' if the data set has it, else 'test'
   c.eval_split = config_dict.placeholder(str)
   c.num_workers = 0  # grain worker processes; 0 reads in this process (with threads)
+  c.num_threads = 0  # decoding threads of the in-process reader; 0: one per CPU core
   c.prefetch = 2  # batches buffered per worker (or by the in-process reader)
   c.shuffle_seed = config_dict.placeholder(int)  # None: the iterator's `seed` sets the order too
   # Augmentation (timm create_transform, as in the official Swin build_transform).
@@ -98,6 +99,8 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
     _fail("eval_split", f"must be a split name or None, got {cfg.eval_split!r}")
   if not isinstance(cfg.num_workers, int) or cfg.num_workers < 0:
     _fail("num_workers", f"must be an int >= 0, got {cfg.num_workers!r}")
+  if not isinstance(cfg.num_threads, int) or cfg.num_threads < 0:
+    _fail("num_threads", f"must be an int >= 0 (0: one per CPU core), got {cfg.num_threads!r}")
   if not isinstance(cfg.prefetch, int) or cfg.prefetch < 1:
     _fail("prefetch", f"must be an int >= 1, got {cfg.prefetch!r}")
   if cfg.shuffle_seed is not None and not isinstance(cfg.shuffle_seed, int):

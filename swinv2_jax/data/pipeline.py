@@ -1,12 +1,16 @@
-"""grain input pipelines: infinite, per-process, checkpointable train streams and padded eval.
+"""grain input pipelines: infinite, process-count-independent train streams and padded eval.
 
-Train stream of one process: its shard of the split (records process_index::process_count) ->
-shuffle -> repeat forever (grain reseeds the shuffle every epoch) -> per-example augmentation with
-grain's per-index RNG -> batch. Every batch is therefore a pure function of (seed, process, step),
-and the iterator state is just a position, so a restored iterator continues exactly.
+The train stream is one global sequence of examples: the whole split -> shuffle -> repeat
+forever (grain reseeds the shuffle every epoch) -> per-example augmentation with grain's
+per-index RNG. Global batch i is examples [i*B, (i+1)*B) of it, and process p of P reads the
+p-th of its P equal slices. So every global batch is a pure function of (seed, step), whatever
+the number of processes, and the data position is the train step itself: a run resumed at step
+s, on any number of processes, reads from global batch s on, skipping and repeating nothing.
 """
 
 import math
+import os
+import signal
 
 from absl import flags
 import grain
@@ -101,20 +105,32 @@ class SimMIMTrainTransform(grain.transforms.RandomMap):
 
 def _to_iter(ds: grain.MapDataset, cfg) -> grain.IterDataset:
   if cfg.num_workers == 0:
-    # Threads of this process compute `prefetch` batches ahead (PIL releases the GIL when resizing).
-    return ds.to_iter_dataset(
-        grain.ReadOptions(num_threads=cfg.prefetch, prefetch_buffer_size=cfg.prefetch))
+    # Threads of this process decode whole batches ahead, one per core by default (PIL releases
+    # the GIL while it decodes and resizes).
+    threads = cfg.num_threads or len(os.sched_getaffinity(0))
+    return ds.to_iter_dataset(grain.ReadOptions(
+        num_threads=threads, prefetch_buffer_size=max(cfg.prefetch, threads)))
   if not flags.FLAGS.is_parsed():
     # grain's worker processes read absl flags; outside an absl app (tests, notebooks) use defaults.
     flags.FLAGS.mark_as_parsed()
   return ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1)).mp_prefetch(
       grain.MultiprocessingOptions(num_workers=cfg.num_workers,
-                                   per_worker_buffer_size=cfg.prefetch))
+                                   per_worker_buffer_size=cfg.prefetch),
+      worker_init_fn=_ignore_termination)
+
+
+def _ignore_termination(worker_index: int, worker_count: int) -> None:
+  """grain's worker_init_fn (it passes both arguments; neither is needed here).
+
+  A scheduler's SIGTERM reaches every process of the job: the workers keep feeding the
+  main process until it has saved its preemption checkpoint and closes them."""
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def build_train_dataset(data_cfg, *, kind: str, image_size, global_batch_size: int, seed: int,
-                        mask_cfg=None, process_index=None, process_count=None) -> grain.IterDataset:
-  """The infinite batched train stream of this process as a grain IterDataset (see module doc)."""
+                        mask_cfg=None, process_index=None, process_count=None,
+                        start_step: int = 0) -> grain.IterDataset:
+  """This process's slices of global batches start_step, start_step + 1, ... (module doc)."""
   validate_data_config(data_cfg)
   size_hw = _size_hw(image_size)
   process_index, process_count = _process(process_index, process_count)
@@ -128,21 +144,22 @@ def build_train_dataset(data_cfg, *, kind: str, image_size, global_batch_size: i
     transform = SimMIMTrainTransform(data_cfg, size_hw, mask_cfg)
   else:
     raise ValueError(f'kind: must be "supervised" or "simmim", got {kind!r}')
+  if start_step < 0:
+    raise ValueError(f"start_step must be >= 0, got {start_step}")
   records, _ = open_split(data_cfg, "train")
-  shard = grain.MapDataset.source(records)[process_index::process_count]
-  if len(shard) == 0:
-    raise ValueError(
-        f"data.train_split: {len(records)} examples cannot feed {process_count} processes")
+  if len(records) == 0:
+    raise ValueError(f"data.train_split: no examples in {data_cfg.train_split!r}")
   shuffle_seed = seed if data_cfg.shuffle_seed is None else data_cfg.shuffle_seed
-  ds = shard.shuffle(seed=_derived_seed(1, shuffle_seed, process_index)).repeat()
-  ds = ds.random_map(transform, seed=_derived_seed(2, seed, process_index))
-  ds = ds.batch(batch_size, drop_remainder=True)
+  ds = grain.MapDataset.source(records).shuffle(seed=_derived_seed(1, shuffle_seed)).repeat()
+  ds = ds.random_map(transform, seed=_derived_seed(2, seed))
+  # Slices of `batch_size` consecutive examples; global batch i is slices i*P .. i*P + P-1.
+  ds = ds.batch(batch_size)[start_step * process_count + process_index::process_count]
   return _to_iter(ds, data_cfg)
 
 
 def build_train_iterator(data_cfg, *, kind: str, image_size, global_batch_size: int, seed: int,
-                         mask_cfg=None, process_index=None,
-                         process_count=None) -> grain.DatasetIterator:
+                         mask_cfg=None, process_index=None, process_count=None,
+                         start_step: int = 0) -> grain.DatasetIterator:
   """Infinite iterator of this process's batches; `get_state()` is a JSON-serialisable dict.
 
   supervised: {'image': float32 [b, H, W, 3], 'label': int32 [b]}
@@ -151,7 +168,8 @@ def build_train_iterator(data_cfg, *, kind: str, image_size, global_batch_size: 
   """
   return iter(build_train_dataset(
       data_cfg, kind=kind, image_size=image_size, global_batch_size=global_batch_size, seed=seed,
-      mask_cfg=mask_cfg, process_index=process_index, process_count=process_count))
+      mask_cfg=mask_cfg, process_index=process_index, process_count=process_count,
+      start_step=start_step))
 
 
 class _EvalShard:

@@ -2,15 +2,22 @@
 
 Every source yields {'image': uint8 [H, W, C], 'label': int} by index, which is what grain's
 MapDataset needs for a deterministic, checkpointable order.
+
+A tfds data_dir may be a gs:// URL: array_record reads gs:// objects itself (its own GCS
+client), but writes local files only, so a data set is built in a local folder and copied up.
 """
 
 import os
 import pathlib
 import re
+import tempfile
 from typing import NamedTuple
 
 import numpy as np
+from etils import epath
 from PIL import Image
+
+from swinv2_jax import paths
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 _FOLDER_SPLIT_SEED = 0
@@ -71,16 +78,42 @@ def _tfds_data_dir(cfg) -> str:
   return os.fspath(cfg.data_dir or os.environ.get("TFDS_DATA_DIR") or tfds.core.constants.DATA_DIR)
 
 
-def _prepare_command(cfg, manual: bool) -> str:
+def _build_dir(cfg) -> str:
+  """Where `tfds build` writes: the data_dir, or a local folder to copy to a bucket from."""
   data_dir = _tfds_data_dir(cfg)
-  cmd = f"tfds build {cfg.name} --file_format=array_record --data_dir={data_dir}"
+  return data_dir if paths.is_local(data_dir) else "LOCAL_DIR"
+
+
+def _prepare_command(cfg, manual: bool) -> str:
+  cmd = f"tfds build {cfg.name} --file_format=array_record --data_dir={_build_dir(cfg)}"
   if manual:
     cmd += f" --manual_dir={_manual_dir(cfg)}"
+  data_dir = _tfds_data_dir(cfg)
+  if not paths.is_local(data_dir):
+    cmd += (f", then copy LOCAL_DIR/{cfg.name} to {paths.join(data_dir, cfg.name)} "
+            f"(gcloud storage cp -r)")
   return cmd
 
 
 def _manual_dir(cfg) -> str:
-  return os.fspath(cfg.manual_dir or os.path.join(_tfds_data_dir(cfg), "downloads", "manual"))
+  return os.fspath(cfg.manual_dir or paths.join(_build_dir(cfg), "downloads", "manual"))
+
+
+def _prepare_digits(tfds, data_dir: str):
+  """Prepares `digits` in data_dir. A bucket gets a local build, copied up with the .json files
+  last: tfds takes a version folder that holds them for a prepared one."""
+  if paths.is_local(data_dir):
+    builder = tfds.builder("digits", data_dir=data_dir, file_format="array_record")
+    builder.download_and_prepare()
+    return builder
+  with tempfile.TemporaryDirectory() as local:
+    built = tfds.builder("digits", data_dir=local, file_format="array_record")
+    built.download_and_prepare()
+    version_dir = epath.Path(built.data_dir)
+    target = epath.Path(data_dir) / "digits" / version_dir.name
+    for f in sorted(version_dir.iterdir(), key=lambda f: (f.suffix == ".json", f.name)):
+      (target / f.name).write_bytes(f.read_bytes())
+  return tfds.builder("digits", data_dir=data_dir)
 
 
 def _one_line(text: str, limit: int = 400) -> str:
@@ -102,8 +135,7 @@ def tfds_builder(cfg):
         "data.folder for a directory of class subfolders)") from None
   if cfg.name == "digits" and not builder.is_prepared():
     # Tiny and needs no download (scikit-learn ships the images): prepare it on first use.
-    builder = tfds.builder("digits", data_dir=data_dir, file_format="array_record")
-    builder.download_and_prepare()
+    builder = _prepare_digits(tfds, data_dir)
   manual_text = getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
   if not builder.is_prepared():
     if manual_text:
@@ -194,12 +226,17 @@ def folder_records(cfg, split: str, train: bool) -> FolderRecords:
   return FolderRecords([os.fspath(f) for f in files], labels)
 
 
-def folder_num_classes(cfg) -> int:
+def folder_class_names(cfg) -> list[str]:
+  """The class folders' names in label order (sorted)."""
   root = pathlib.Path(os.fspath(cfg.folder))
   base = root if cfg.folder_eval_fraction > 0 else root / cfg.train_split
   if not base.is_dir():
     raise _folder_layout_error(cfg, f"{base} does not exist")
-  return len(_class_dirs(base))
+  return [p.name for p in _class_dirs(base)]
+
+
+def folder_num_classes(cfg) -> int:
+  return len(folder_class_names(cfg))
 
 
 # ----------------------------------------------------------------------------------------------

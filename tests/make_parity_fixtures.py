@@ -3,6 +3,7 @@
 Run with the reference environment (torch + timm, no jax):
 
     /work/venv-ref/bin/python tests/make_parity_fixtures.py [--official_dir=PATH]
+    python tests/make_parity_fixtures.py --pth_only     # torch alone: the .pth from the .npz
 
 For every small config below it builds timm's `SwinTransformerV2`, overwrites EVERY parameter
 with random values (including the zero-initialised res-post-norm LayerNorms, logit_scale around
@@ -10,6 +11,11 @@ log(10) with some heads above the log(100) clamp, q/v biases and the CPB MLP: th
 would hide errors in those), runs an eval-mode forward on a fixed random input and writes
 `tests/fixtures/swinv2_<name>.npz` (see tests/fixtures/README.md for the contents). The stored
 outputs are computed in float64 from the (float32) stored weights.
+
+Then `swinv2_shift_clamp.pth` is written with `torch.save` from the official-layout state of
+`swinv2_shift_clamp.npz`, wrapped as official checkpoints are (`{'model': state_dict, ...}`),
+with a few tensors of other dtypes and strides beside it (`write_pth_fixture`): the torch-free
+reader (swinv2_jax/weights/pth.py) is tested on it without torch. `--pth_only` writes only it.
 
 `--official_dir` points at a local clone of microsoft/Swin-Transformer (NOT part of this
 repository): the script then also builds the official `models/swin_transformer_v2.py` model for
@@ -20,6 +26,7 @@ from timm. Nothing from that clone is written anywhere.
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import importlib.util
 import json
@@ -30,7 +37,6 @@ import sys
 
 import numpy as np
 import torch
-import timm.models.swin_transformer_v2 as timm_swinv2
 
 FIXTURE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 
@@ -58,6 +64,12 @@ CONFIGS = {
 }
 
 
+def timm_swinv2():
+  """timm's model module (imported on use: --pth_only needs torch alone)."""
+  import timm.models.swin_transformer_v2  # pylint: disable=g-import-not-at-top
+  return timm.models.swin_transformer_v2
+
+
 def model_kwargs(config: dict) -> dict:
   return {k: v for k, v in config.items() if k not in ("batch", "layouts")}
 
@@ -69,7 +81,7 @@ def build_timm(config: dict) -> torch.nn.Module:
     kwargs["window_size"] = tuple(tuple(w) if isinstance(w, list) else w for w in window)
   kwargs["img_size"] = (tuple(kwargs["img_size"]) if isinstance(kwargs["img_size"], list)
                         else kwargs["img_size"])
-  return timm_swinv2.SwinTransformerV2(drop_path_rate=0.0, **kwargs).eval()
+  return timm_swinv2().SwinTransformerV2(drop_path_rate=0.0, **kwargs).eval()
 
 
 @torch.no_grad()
@@ -91,7 +103,7 @@ def randomise(model: torch.nn.Module, gen: torch.Generator) -> None:
       fan_in = module.weight[0].numel()
       module.weight.copy_(normal(module.weight.shape, 1.0 / math.sqrt(fan_in)))
       module.bias.copy_(normal(module.bias.shape, 0.1))
-    elif isinstance(module, timm_swinv2.WindowAttention):
+    elif isinstance(module, timm_swinv2().WindowAttention):
       # log(10) = 2.30; the clamp is at log(100) = 4.61: draw from both sides of it.
       module.logit_scale.copy_(torch.rand(module.logit_scale.shape, generator=gen) * 4.5 + 0.8)
       module.q_bias.copy_(normal(module.q_bias.shape, 0.5))
@@ -168,12 +180,47 @@ def check_official(official, config: dict, official_state: dict, x: torch.Tensor
   return float(np.abs(logits - timm_logits).max())
 
 
+def pth_extras() -> dict:
+  """Tensors beside the state dict in the .pth: every dtype the reader knows, views with strides
+  and an offset into one shared storage, a 0-d and an empty tensor, an nn.Parameter. Values
+  are exact in every dtype (multiples of 1/4 up to 5.75); tests/test_pth.py rebuilds them."""
+  base = torch.arange(24, dtype=torch.float32).reshape(4, 6) / 4
+  extras = {"float32": base, "transposed": base.t(), "sliced": base[1:3, 2:],
+            "float64": base.double(), "float16": base.half(), "bfloat16": base.bfloat16(),
+            "bool": base > 2, "scalar": torch.tensor(3.5), "empty": torch.zeros(0, 3),
+            "parameter": torch.nn.Parameter(base[0].clone(), requires_grad=True)}
+  for dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+    extras[str(dtype).split(".")[1]] = (base * 4).to(dtype)
+  return extras
+
+
+def write_pth_fixture(out_dir: str) -> str:
+  """`swinv2_shift_clamp.pth` from the official-layout state of `swinv2_shift_clamp.npz`."""
+  with np.load(os.path.join(out_dir, "swinv2_shift_clamp.npz")) as f:
+    prefix = "state_official/"
+    model = collections.OrderedDict(
+        (k[len(prefix):], torch.from_numpy(f[k])) for k in f.files if k.startswith(prefix))
+  model._metadata = collections.OrderedDict({"": {"version": 1}})  # as state_dict() sets it
+  path = os.path.join(out_dir, "swinv2_shift_clamp.pth")
+  # An official training checkpoint's outline (main.py save_checkpoint), minus the objects.
+  torch.save({"model": model, "dtypes": pth_extras(), "epoch": 299, "max_accuracy": 81.25,
+              "notes": ["official layout", ("shift_clamp", 4), None, True]}, path)
+  print(f"{os.path.basename(path)}: {os.path.getsize(path) / 1e3:.0f} kB, {len(model)} tensors "
+        f"in 'model', {len(pth_extras())} in 'dtypes'")
+  return path
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--official_dir", default=None,
                       help="local clone of microsoft/Swin-Transformer for a one-off check")
   parser.add_argument("--out_dir", default=FIXTURE_DIR)
+  parser.add_argument("--pth_only", action="store_true",
+                      help="write only swinv2_shift_clamp.pth from the existing .npz (torch only)")
   args = parser.parse_args()
+  if args.pth_only:
+    write_pth_fixture(args.out_dir)
+    return
   official = load_official_module(args.official_dir) if args.official_dir else None
   os.makedirs(args.out_dir, exist_ok=True)
   torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -224,6 +271,7 @@ def main() -> None:
       diff = check_official(official, config, official_state, x, logits32)
       line += f", official-vs-timm max |dlogit| {diff:.3g}"
     print(line)
+  write_pth_fixture(args.out_dir)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """swinv2_jax.weights: layouts, error handling, SimMIM, the H/G extra norm, safetensors/pth,
-parameter directories and the CLI.
+parameter directories and the CLI (the torch-free .pth reader: test_pth.py; hf-hub ids:
+test_hub.py).
 
 Models are built abstractly (nnx.eval_shape) and filled from checkpoints, so no random init
 has to be compiled; the only forward pass is the tiny CLI model's.
@@ -10,7 +11,6 @@ import logging
 import os
 import subprocess
 import sys
-import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -252,15 +252,6 @@ def test_pth(tmp_path):
   assert_same_params(params(loaded(NAME, "timm")), params(model))
 
 
-def test_pth_without_torch_says_safetensors_needs_none(tmp_path, monkeypatch):
-  path = tmp_path / "weights.pth"
-  with zipfile.ZipFile(path, "w") as archive:  # whole, as torch.save writes: only torch is missing
-    archive.writestr("weights/data.pkl", b"")
-  monkeypatch.setitem(sys.modules, "torch", None)
-  with pytest.raises(ImportError, match="safetensors"):
-    weights.load_pytorch_weights(abstract(), str(path))
-
-
 def test_converted_and_pretrain_encoder_directories_share_one_format(tmp_path):
   """The converter's output and train.py's `pretrain/encoder` (`checkpointing.save_tree` of
   the pure parameter dict) are read by the same code, either way round."""
@@ -316,8 +307,17 @@ def test_cli_end_to_end(tmp_path):
   np.testing.assert_array_equal(np.asarray(_forward(source, x)),
                                 np.asarray(_forward(restored, x)))
 
-  # load_params onto a model of other shapes names the mismatches.
-  other = nnx.eval_shape(lambda: models.create(CLI_PRESET, **{**CLI_OVERRIDES,
-                                                               "num_classes": 5}))
-  with pytest.raises(ValueError, match=r"head\.bias.*\(3,\).*\(5,\)"):
-    weights.load_params(str(out), other)
+  # A parameter directory onto a model with another head: refused as a PyTorch file is, unless
+  # drop_head, which keeps the model's own head; other shapes name each mismatch.
+  build = lambda **kw: models.create(CLI_PRESET, **{**CLI_OVERRIDES, **kw})
+  with pytest.raises(weights.HeadMismatchError, match=r"head has 3 classes.*num_classes=5.*"
+                     r"drop_head=True"):
+    weights.load_params(str(out), nnx.eval_shape(lambda: build(num_classes=5)))
+  other = build(num_classes=5)
+  head = np.asarray(other.head.kernel.get_value())
+  weights.load_params(str(out), other, drop_head=True)
+  np.testing.assert_array_equal(np.asarray(other.head.kernel.get_value()), head)
+  assert_same_params(params(source), params(other))
+  with pytest.raises(ValueError, match=r"patch_embed\.proj\.kernel.*\(4, 4, 3, 4\).*"
+                     r"\(4, 4, 3, 8\)"):
+    weights.load_params(str(out), nnx.eval_shape(lambda: build(embed_dim=8)))

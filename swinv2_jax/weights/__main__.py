@@ -1,6 +1,7 @@
 """CLI: a PyTorch Swin V2 checkpoint -> a parameter directory (format: `weights.export`).
 
     python -m swinv2_jax.weights --checkpoint=IN --model=NAME --output=DIR
+    python -m swinv2_jax.weights --checkpoint=hf-hub:timm/<name> --model=NAME --output=DIR
 
 `--num_classes`, `--img_size`, `--window_size`, `--pretrained_window_sizes` and `--overrides`
 change the preset; `model.json` records the result so `weights.restore_model(DIR)` rebuilds it.
@@ -17,6 +18,7 @@ from absl import app
 from absl import flags
 from flax import nnx
 
+from swinv2_jax import logs
 from swinv2_jax import models
 from swinv2_jax.weights.export import save_params
 from swinv2_jax.weights.mapping import load_pytorch_weights
@@ -31,7 +33,9 @@ def _parse_ints(text: str | None):
 
 
 def _define_flags():
-  flags.DEFINE_string("checkpoint", None, "PyTorch checkpoint: .safetensors, .pth or .pt.")
+  flags.DEFINE_string("checkpoint", None, "PyTorch checkpoint: .safetensors, .pth, .pt or .bin "
+                      "(no torch needed), or hf-hub:<owner>/<name> (e.g. hf-hub:timm/"
+                      "swinv2_tiny_window8_256.ms_in1k).")
   flags.DEFINE_string("model", None, "Model preset name (swinv2_jax.models.list_models()).")
   flags.DEFINE_string("output", None, "Output directory for the orbax checkpoint.")
   flags.DEFINE_integer("num_classes", None, "Classes of the head (0: no head). Preset default "
@@ -45,7 +49,6 @@ def _define_flags():
                       "'{\"embed_dim\": 32}'.")
   flags.DEFINE_bool("drop_head", False, "Keep a freshly initialised head instead of the "
                     "checkpoint's.")
-  flags.DEFINE_bool("trust_pickle", False, "Allow torch.load(weights_only=False).")
   flags.mark_flags_as_required(["checkpoint", "model", "output"])
 
 
@@ -65,13 +68,13 @@ def cli_model_config(flag_values) -> dict:
 
 def main(argv):
   del argv
+  logs.quiet_other_libraries()  # orbax logs ~35 lines per save; --verbosity=0 shows them
   flag_values = flags.FLAGS
   config = cli_model_config(flag_values)
   build = lambda: models.create(config["model"], **config["overrides"])
   # Every parameter comes from the checkpoint unless the head is dropped: skip the random init.
   model = build() if flag_values.drop_head else nnx.eval_shape(build)
-  load_pytorch_weights(model, flag_values.checkpoint, drop_head=flag_values.drop_head,
-                       trust_pickle=flag_values.trust_pickle)
+  load_pytorch_weights(model, flag_values.checkpoint, drop_head=flag_values.drop_head)
   path = save_params(flag_values.output, model, config)
   count = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   print(f"parameters: {count:,}")

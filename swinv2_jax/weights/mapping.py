@@ -5,7 +5,7 @@ from (several for the blocks of a scanned group, stacked on a leading axis) and 
 transforms both ways. Loading renames the checkpoint to the official layout (`layouts`) and
 requires a one-to-one match: missing or unexpected keys and wrong shapes raise one ValueError
 that lists them all. The classifier head is the one deliberate exception, governed by
-`drop_head`.
+`drop_head` (`heads.check_head`).
 
 The extra LayerNorm of H/G (paper section 3.6) has no counterpart in the official or timm
 SwinV2; it is read/written as `layers.{i}.blocks.{k}.norm3.{weight,bias}` on the last block
@@ -22,6 +22,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from swinv2_jax.weights import heads
 from swinv2_jax.weights import layouts
 from swinv2_jax.weights.readers import read_state_dict
 
@@ -148,26 +149,23 @@ def _model_entries(model, flat_params) -> list[_Entry]:
   return _backbone_entries(model, flat_params)
 
 
-def load_pytorch_weights(model, source, *, drop_head: bool = False,
-                         trust_pickle: bool = False):
+def load_pytorch_weights(model, source, *, drop_head: bool = False):
   """Loads PyTorch Swin V2 weights (official, timm or SimMIM layout) into `model` in place.
 
   Args:
     model: a `SwinTransformerV2`, or a SimMIM pretraining module with attributes `encoder`
       (a SwinTransformerV2 with num_classes=0), `mask_token` (Param (1, 1, 1, C)) and
       `decoder` (a 1x1 nnx.Conv).
-    source: path to `.safetensors` (no torch needed) or `.pth`/`.pt` (needs torch), or a
-      mapping name -> array (numpy or torch).
+    source: path to `.safetensors` or `.pth`/`.pt`/`.bin` (neither needs torch), an
+      `hf-hub:<owner>/<name>` id (`hub`), or a mapping name -> array (numpy or torch).
     drop_head: keep the model's own (freshly initialised) classifier head and ignore any head
       in the checkpoint; needed to fine-tune on another number of classes, or to build a
       classifier from a headless (SimMIM, num_classes=0) checkpoint.
-    trust_pickle: allow `torch.load(weights_only=False)` for .pth files that hold non-tensor
-      objects; only for files you trust.
 
   Returns:
     `model`, updated.
   """
-  state = read_state_dict(source, trust_pickle=trust_pickle)
+  state = read_state_dict(source)
   backbone_state, extras, layout = layouts.to_official_layout(state)
   logging.info("Checkpoint layout: %s (%d tensors)", layout, len(state))
 
@@ -185,35 +183,14 @@ def load_pytorch_weights(model, source, *, drop_head: bool = False,
 
   problems: list[str] = []
   # --- the classifier head, the one place where a mismatch may be deliberate ---
-  model_has_head = getattr(backbone, "head", None) is not None
+  model_classes = backbone.num_classes if getattr(backbone, "head", None) is not None else 0
   ckpt_head = {k: available.pop(k) for k in layouts.HEAD_KEYS if k in available}
-  if drop_head:
-    if model_has_head:
-      entries = [e for e in entries if e.torch_names[0] not in layouts.HEAD_KEYS]
-    if ckpt_head:
-      logging.info("drop_head: ignoring the checkpoint's head %s; the model keeps its own "
-                   "initialisation.", {k: v.shape for k, v in ckpt_head.items()})
-  elif model_has_head and not ckpt_head:
-    raise ValueError(
-        f"the checkpoint ({layout} layout) has no classifier head (e.g. a SimMIM or "
-        f"num_classes=0 checkpoint) but the model has one with {backbone.num_classes} classes: "
-        "pass drop_head=True to keep the model's freshly initialised head (CLI: --drop_head), "
-        "or build the model with num_classes=0")
-  elif not model_has_head and ckpt_head:
-    n = ckpt_head["head.weight"].shape[0] if "head.weight" in ckpt_head else "?"
-    raise ValueError(
-        f"the checkpoint has a classifier head ({n} classes) but the model has none "
-        "(num_classes=0): pass drop_head=True to discard it, or build the model with "
-        f"num_classes={n}")
-  elif model_has_head:
-    w = ckpt_head.get("head.weight")
-    if w is not None and w.shape[0] != backbone.num_classes:
-      raise ValueError(
-          f"the checkpoint's head has {w.shape[0]} classes (head.weight {tuple(w.shape)}) but "
-          f"the model has num_classes={backbone.num_classes}: pass drop_head=True to keep the "
-          "model's freshly initialised head (CLI: --drop_head), or build the model with "
-          f"num_classes={w.shape[0]}")
+  # A head of bias alone (never written) counts as one; its shape is then checked below.
+  ckpt_classes = len(ckpt_head.get("head.weight", ckpt_head.get("head.bias", ())))
+  if heads.check_head(ckpt_classes, model_classes, drop_head):
     available.update(ckpt_head)
+  elif model_classes:
+    entries = [e for e in entries if e.torch_names[0] not in layouts.HEAD_KEYS]
 
   # --- everything else must match one to one ---
   expected = [n for e in entries for n in e.torch_names]

@@ -1,6 +1,8 @@
 """Reading a checkpoint file into a flat state dict {name: np.ndarray}; nothing Swin-specific.
 
-`.safetensors` needs no torch (bfloat16 included); `.pth`/`.pt`/`.bin`/`.ckpt` needs torch.
+Neither format needs torch: `.safetensors` (bfloat16 included), and `.pth`/`.pt`/`.bin`/`.ckpt`
+(torch.save zips) through the restricted unpickler of `pth`, whether or not torch is
+installed. An `hf-hub:` id (`hub`) is fetched first and read as the file it names.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ import zipfile
 from typing import Any, Mapping
 
 import numpy as np
-from absl import logging
 
 from swinv2_jax import errors
+from swinv2_jax.weights import hub
+from swinv2_jax.weights import pth
 
 # Containers that training checkpoints put the state dict in, next to `optimizer` etc.
 _WRAPPER_KEYS = ("model", "state_dict", "module")
@@ -104,34 +107,18 @@ def _read_safetensors_raw(path: str) -> dict[str, np.ndarray]:
   return out
 
 
-def _read_torch(path: str, trust_pickle: bool) -> Mapping[str, Any]:
+def _read_pth(path: str) -> Mapping[str, Any]:
   try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ImportError(
-        f"reading {path} needs PyTorch (`pip install torch`), which this project does not "
-        "require. Convert it to .safetensors once (needs no torch to load), or pass a dict "
-        "of numpy arrays.") from e
-  try:
-    return torch.load(path, map_location="cpu", weights_only=True)
-  except EOFError as e:  # a legacy (bare pickle) file cut short
-    raise _corrupt(path, f"ends early: {e}") from e
-  except RuntimeError as e:  # the zip reader's "PytorchStreamReader failed reading ..."
-    if "PytorchStreamReader" not in str(e):
-      raise
-    raise _corrupt(path, str(e).splitlines()[0]) from e
-  except Exception as e:  # pickle.UnpicklingError and friends: non-tensor objects inside
-    if not trust_pickle:
-      raise ValueError(
-          f"{path} holds more than tensors (e.g. a training config object), which "
-          "torch.load(weights_only=True) refuses. If you trust the file, pass "
-          f"trust_pickle=True (CLI: --trust_pickle). Underlying error: {e}") from e
-    logging.warning("Loading %s with weights_only=False (trusted pickle).", path)
-    return torch.load(path, map_location="cpu", weights_only=False)
+    raw = pth.read_pth(path)
+  except zipfile.BadZipFile as e:  # e.g. a storage entry cut short
+    raise _corrupt(path, str(e)) from e
+  if not isinstance(raw, Mapping):
+    raise ValueError(f"{path} holds a {type(raw).__name__}, not a state dict")
+  return raw
 
 
 def _to_numpy(value) -> np.ndarray:
-  if hasattr(value, "detach"):  # a torch tensor: float() also handles bfloat16
+  if hasattr(value, "detach"):  # a torch tensor (in a mapping): float() also handles bfloat16
     value = value.detach().cpu()
     if value.is_floating_point():
       value = value.float()
@@ -139,21 +126,19 @@ def _to_numpy(value) -> np.ndarray:
   return np.asarray(value)
 
 
-def read_state_dict(source, *, trust_pickle: bool = False) -> dict[str, np.ndarray]:
-  """A flat {name: np.ndarray} from a .pth/.pt/.safetensors path or a mapping.
+def read_state_dict(source) -> dict[str, np.ndarray]:
+  """A flat {name: np.ndarray} from a .pth/.pt/.safetensors path, an `hf-hub:` id or a mapping.
 
   A top-level `model` / `state_dict` / `module` wrapper (as in official training checkpoints,
   next to `optimizer` etc.) is unwrapped; a DDP `module.` prefix on every key is stripped.
-  `trust_pickle` allows `torch.load(weights_only=False)`, for .pth files you trust that hold
-  non-tensor objects.
   """
   if isinstance(source, (str, os.PathLike)):
-    path = os.fspath(source)
+    path = hub.fetch(source) if hub.is_hub_id(source) else os.fspath(source)
     check_checkpoint_file(path)  # missing, unknown format, truncated: before reading it all
     if path.endswith(SAFETENSORS_SUFFIXES):
       raw: Mapping[str, Any] = _read_safetensors(path)
     else:
-      raw = _read_torch(path, trust_pickle)
+      raw = _read_pth(path)
   elif isinstance(source, Mapping):
     raw = source
   else:

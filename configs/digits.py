@@ -31,6 +31,7 @@ def get_config(arg: str = ""):
   p.batch_size, p.steps, p.warmup_steps = 128, 300, 30
   p.base_lr, p.warmup_lr, p.min_lr = 4e-3, 1e-5, 1e-5
   p.drop_path_rate, p.log_every, p.checkpoint_every = 0.0, 25, 150
+  p.image_every = 100  # TensorBoard: masked input, reconstruction, original
 
   f = c.finetune
   f.img_size, f.window_size, f.pretrained_window_sizes = 32, 4, 4

@@ -24,6 +24,8 @@ from absl import logging
 from swinv2_jax import config as config_lib
 from swinv2_jax import data as data_lib
 from swinv2_jax import errors
+from swinv2_jax import models
+from swinv2_jax import paths
 from swinv2_jax import sharding as sharding_lib
 from swinv2_jax import trainer as trainer_lib
 from swinv2_jax.models import complexity
@@ -129,6 +131,7 @@ def summarize(trainer: trainer_lib.Trainer, compiled, config, *, compile_s: floa
   flops = model_flops(config, trainer.task.name, s.batch_size)
   return dict(
       stage=trainer.task.name,
+      flops_per_image=model_flops(config, trainer.task.name, 1),
       global_batch=s.batch_size,
       accum_steps=trainer.accum_steps,
       microbatch_per_device=s.batch_size // (trainer.accum_steps * mesh.size),
@@ -148,14 +151,34 @@ def summarize(trainer: trainer_lib.Trainer, compiled, config, *, compile_s: floa
   )
 
 
+def describe_model(config) -> str:
+  """The model as configured: 'SwinV2 C=48, depths (2, 2, 2, 2), heads (3, 6, 12, 24), patch 4
+  (custom: swinv2_tiny_window8_256 with embed_dim, depths changed)'."""
+  m = config.model
+  args = config_lib.model_args(config, "finetune")
+  text = (f"SwinV2 C={args['embed_dim']}, depths {tuple(args['depths'])}, heads "
+          f"{tuple(args['num_heads'])}, patch {args['patch_size']}")
+  if args.get("extra_norm_period"):
+    text += f", extra norm every {args['extra_norm_period']} blocks"
+  preset = models.PRESETS[m.name]
+  changed = [k for k in ("embed_dim", "depths", "num_heads", "extra_norm_period")
+             if m[k] is not None and _as_tuple(m[k]) != _as_tuple(preset.get(k))]
+  return text + (f" (custom: {m.name} with {', '.join(changed)} changed)" if changed
+                 else f" ({m.name})")
+
+
+def _as_tuple(value):
+  return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
 def _settings(config, layout, img_size, window_size) -> dict:
   m = config.model
-  custom = [k for k in ("embed_dim", "depths", "num_heads") if m[k] is not None]
+  device = layout.mesh.devices.flat[0]
   return dict(
       zero=layout.zero, remat=m.remat, attention_chunks=m.attention_chunks,
-      dtype=m.dtype, model=m.name + (" with " + ", ".join(
-          f"{k}={m[k]}" for k in custom) if custom else ""),
-      img_size=img_size, window_size=window_size, platform=jax.devices()[0].platform,
+      dtype=m.dtype, model=describe_model(config),
+      img_size=img_size, window_size=window_size, platform=device.platform,
+      device_kind=device.device_kind,
       scheduler=("memory-optimised" if MEMORY_SCHEDULER_FLAG in
                  os.environ.get("XLA_FLAGS", "") else "default"))
 
@@ -170,6 +193,7 @@ def summarize_eval(config, eval_step, compiled, *, compile_s: float) -> dict:
       microbatch_per_device=config.eval.batch_size // mesh.size,
       mesh=dict(zip(mesh.axis_names, (int(n) for n in mesh.devices.shape))),
       params=int(sum(x.size for x in jax.tree.leaves(eval_step.abstract_params))),
+      flops_per_image=model_flops(config, "eval", 1),
       flops_per_step=model_flops(config, "eval", config.eval.batch_size),
       xla_flops_per_device=xla["flops"],
       per_device_bytes=dict(params=params, opt_state=0, grads=0, temp=xla["temp"],
@@ -251,42 +275,63 @@ def _duration(hours: float) -> str:
       f"{hours:.1f} h" if hours < 48 else f"{hours / 24:.1f} days")
 
 
-def format_table(*summaries: dict) -> str:
-  """A fixed-width table with one column per stage (printed by the dry run and before step 0
-  of every training stage)."""
+def format_table(*summaries: dict, dataset: data_lib.DatasetInfo | None = None,
+                 estimate: bool = True) -> str:
+  """A fixed-width table with one column per stage (printed by the dry run, and before step 0
+  of every training stage with the data set's sizes and without the wall-time estimate)."""
   first = summaries[0]
   st = first["settings"]
   mesh = " x ".join(f"{k}={v}" for k, v in first["mesh"].items())
-  head = (f"{st['model']}, {st['dtype']}, mesh {mesh}, ZeRO {st['zero']}, remat "
-          f"{st['remat']}, attention chunks {st['attention_chunks']}")
-  rows = [("", [x["stage"] for x in summaries])]
+  num_devices = 1
+  for size in first["mesh"].values():
+    num_devices *= size
+  head = [f"model: {st['model']}, {st['dtype']}",
+          f"mesh: {mesh} ({num_devices} x {st.get('device_kind', st['platform'])}), ZeRO "
+          f"{st['zero']}, remat {st['remat']}, attention chunks {st['attention_chunks']}"]
+  if dataset is not None:
+    head.append(f"data: {dataset.num_train_examples:,} train / {dataset.num_eval_examples:,} "
+                f"eval examples, {dataset.num_classes} classes")
+
+  def steps(x):
+    if "steps" not in x:  # the eval column
+      return f"{dataset.num_eval_examples:,} images" if dataset else "-"
+    if dataset is None:
+      return f"{x['steps']:,}"
+    epochs = x["steps"] * x["global_batch"] / dataset.num_train_examples
+    return f"{x['steps']:,} ({epochs:,.1f} epochs)"
+
   col = lambda f: [f(x) for x in summaries]
   b = lambda key: col(lambda x: _gib(x["per_device_bytes"][key]))
-  rows += [
-      ("image size / window", col(lambda x: f"{x['settings']['img_size']} / "
-                                            f"{x['settings']['window_size']}")),
-      ("global batch", col(lambda x: f"{x['global_batch']:,}")),
-      ("accumulation x micro", col(lambda x: f"{x['accum_steps']} x "
-                                             f"{x['microbatch_per_device']}/device")),
-      ("parameters", col(lambda x: f"{x['params']:,}")),
-      ("FLOPs / step (model)", col(lambda x: f"{x['flops_per_step']:.3e}")),
-      ("per device: params", b("params")),
-      ("  optimizer state", b("opt_state")),
-      ("  gradients", col(lambda x: _gib(x["per_device_bytes"]["grads"]) + " (in temp)")),
-      ("  activations/temp", b("temp")),
-      ("  total", b("total")),
-  ]
-  if all("estimate" in x for x in summaries):
-    e = first["estimate"]
+  rows = [("", [x["stage"] for x in summaries]),
+          ("image size / window", col(lambda x: f"{x['settings']['img_size']} / "
+                                                f"{x['settings']['window_size']}")),
+          ("parameters", col(lambda x: f"{x['params']:,}")),
+          ("model FLOPs / image", col(lambda x: f"{x['flops_per_image']:.3e}" + (
+              "" if x["stage"] == "eval" else " (x3: fwd+bwd)"))),
+          ("model FLOPs / step", col(lambda x: f"{x['flops_per_step']:.3e}")),
+          ("global batch", col(lambda x: f"{x['global_batch']:,}")),
+          ("accumulation x micro", col(lambda x: f"{x['accum_steps']} x "
+                                                 f"{x['microbatch_per_device']}/device")),
+          ("steps", col(steps)),
+          ("params / device", b("params")),
+          ("optimizer state / device", b("opt_state")),
+          ("gradients / device", col(lambda x: "-" if x["stage"] == "eval" else
+                                     _gib(x["per_device_bytes"]["grads"]) + " (in temp)")),
+          ("activations+temp / device", b("temp")),
+          ("total / device", b("total"))]
+  estimates = [x for x in summaries if "estimate" in x]  # the training stages'
+  if estimate and estimates:
+    e = estimates[0]["estimate"]
     rows += [(f"step at {e['mfu']:.0%} MFU, {e['accelerator']}",
-              col(lambda x: f"{x['estimate']['step_s']:.3g} s")),
+              col(lambda x: f"{x['estimate']['step_s']:.3g} s" if "estimate" in x else "-")),
              ("stage", col(lambda x: f"{_duration(x['estimate']['stage_hours'])}, "
-                                     f"{x['estimate']['device_days']:.1f} device-days"))]
+                                     f"{x['estimate']['device_days']:.1f} device-days"
+                                     if "estimate" in x else "-"))]
   rows.append(("compile", col(lambda x: f"{x['compile_s']:.1f} s")))
   width = max(len(k) for k, _ in rows)
   widths = [max(len(r[1][i]) for r in rows) for i in range(len(summaries))]
-  lines = [head] + [f"{k:<{width}}  " + "  ".join(f"{v:>{w}}" for v, w in zip(vals, widths))
-                    for k, vals in rows]
+  lines = head + [f"{k:<{width}}  " + "  ".join(f"{v:>{w}}" for v, w in zip(vals, widths))
+                  for k, vals in rows]
   lines.append(f"compiled on {st['platform']} ({st['scheduler']} scheduler)")
   return "\n".join(lines)
 
@@ -333,10 +378,9 @@ def dry_run(config, workdir: str) -> dict:
                 plan_s=round(time.perf_counter() - start, 1),
                 # ru_maxrss is in KiB on Linux: the peak of this whole process.
                 host_peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, "plan.json")
-  with open(path, "w") as f:
-    json.dump(result, f, indent=2)
+  paths.makedirs(workdir)
+  path = paths.join(workdir, "plan.json")
+  paths.write_text(path, json.dumps(result, indent=2))
   print(f"dry run: {p.num_devices} fake CPU devices, XLA memory-optimised CPU scheduler "
         f"({MEMORY_SCHEDULER_FLAG})\n{format_table(*stages.values())}\n"
         f"{'fits' if result['fits'] else 'does NOT fit'} {p.device_memory_gb} GiB per device; "

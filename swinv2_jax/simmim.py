@@ -58,7 +58,14 @@ def _valid_counts(size: int, window: int) -> np.ndarray:
 
 def normalize_targets(images, window: int = 47):
   """Per-pixel normalisation by the mean and unbiased variance of a window x window
-  neighbourhood (stride 1, padding not counted), as the official SwinV2 SimMIM configs.
+  neighbourhood (stride 1, padding not counted), as the official SwinV2 SimMIM configs."""
+  mean, std = local_statistics(images, window)
+  return (images.astype(jnp.float32) - mean) / std
+
+
+def local_statistics(images, window: int = 47):
+  """(mean, sqrt(unbiased variance + 1e-6)) of each pixel's window x window neighbourhood:
+  what `normalize_targets` divides by, and what turns a reconstruction back into pixels.
 
   The window sum is separable: one pass along H, one along W (2 x 47 adds per pixel, not
   47^2); the count of valid pixels is the outer product of the per-axis counts, built from
@@ -83,7 +90,7 @@ def normalize_targets(images, window: int = 47):
            * jnp.asarray(_valid_counts(w, window))[None, :])[None, :, :, None]
   mean = window_sum(x) / count
   var = (window_sum(x * x) / count - mean**2) * (count / (count - 1))
-  return (x - mean) / jnp.sqrt(jnp.maximum(var, 0.0) + 1e-6)
+  return mean, jnp.sqrt(jnp.maximum(var, 0.0) + 1e-6)
 
 
 def reconstruction_loss(images, reconstruction, token_mask, patch_size: int,

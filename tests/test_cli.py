@@ -226,7 +226,7 @@ def test_unknown_key_suggests_the_nearest():
       "unknown key; did you mean model.num_heads?")
   assert "pretrain.batch_size" in config_lib.unknown_key_message("batch_size", base)
   assert config_lib.unknown_key_message("model.zzz", base).startswith(
-      "unknown key (known here: attention_chunks, depths")
+      "unknown key (known here: attention_chunks, attention_impl, depths")
   with base.unlocked():
     base.finetune.lr = 1.0
   with pytest.raises(config_lib.ConfigError, match=r"config\.finetune\.lr: unknown key; "

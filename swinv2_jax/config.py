@@ -7,6 +7,7 @@ here is an error, and so is a bad value: one line that names the key.
 from __future__ import annotations
 
 import difflib
+import json
 from typing import Any, Mapping
 
 import ml_collections
@@ -14,15 +15,14 @@ from ml_collections import config_dict
 
 from swinv2_jax import data as data_lib
 from swinv2_jax import errors
+from swinv2_jax.accelerators import ACCELERATORS  # plan.accelerator's keys
 from swinv2_jax import models
 from swinv2_jax.models import windows as win
+from swinv2_jax.models.layers import ATTENTION_IMPLS
 from swinv2_jax.models.swinv2 import REMAT_POLICIES, SwinTransformerV2
 
 STAGES = ("pretrain", "finetune", "eval")
 TRAINING_STAGES = ("pretrain", "finetune")
-# Dense bf16 peak TFLOP/s per device (vendor figures), for the plan's wall-time estimate.
-ACCELERATORS = {"a100-40g": 312.0, "a100-80g": 312.0, "h100": 989.0, "h200": 989.0,
-                "v4": 275.0, "v5e": 197.0, "v5p": 459.0, "v6e": 918.0}
 # float16 is left out: it needs loss scaling, which this codebase does not do.
 DTYPES = ("float32", "bfloat16")
 
@@ -75,6 +75,7 @@ def base_config() -> ml_collections.ConfigDict:
       dtype="float32",               # compute dtype; params stay float32
       remat="none",                  # per model level or one: none, full, dots, dots_no_batch
       attention_chunks=1,            # sequential attention: pieces per model level
+      attention_impl="xla",          # unshifted windows: 'xla' einsums, 'cudnn' or 'auto' fused
   ), type_safe=False)
 
   c.data = data_lib.default_data_config("imagenet2012")
@@ -82,6 +83,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.pretrain = _train_stage(
       mask_patch_size=32, mask_ratio=0.6,
       norm_target_window=47,         # 0 = raw pixel targets
+      image_every=1000,              # steps: TensorBoard images of masked input, reconstruction
+                                     # and original (first images of the batch); 0 = none
   )
   c.finetune = _train_stage(
       img_size=224, window_size=14, pretrained_window_sizes=(12, 12, 12, 6),
@@ -106,6 +109,9 @@ def base_config() -> ml_collections.ConfigDict:
                                      # a detected SLURM job, or a single process
       num_processes=0,
       process_id=-1,
+      # A process that stops sending heartbeats this long is taken as lost: the others then
+      # exit non-zero naming it, instead of waiting forever in a collective.
+      heartbeat_timeout_s=100,
   ))
   c.plan = ml_collections.ConfigDict(dict(
       num_devices=8,                 # the mesh a dry run compiles for, on fake CPU devices
@@ -132,6 +138,34 @@ def flatten(tree=None, prefix: str = "") -> dict[str, Any]:
       out.update(flatten(value, f"{prefix}{key}."))
     else:
       out[prefix + str(key)] = value
+  return out
+
+
+def same_value(a, b) -> bool:
+  """Equal as JSON values (1 == 1.0, but True != 1)."""
+  if isinstance(a, list) and isinstance(b, list):
+    return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b))
+  if isinstance(a, bool) or isinstance(b, bool) or not isinstance(a, (int, float)) or \
+      not isinstance(b, (int, float)):
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+  return a == b
+
+
+ABSENT = object()
+
+
+def show_value(value) -> str:
+  return "absent" if value is ABSENT else json.dumps(value, separators=(", ", ": "))
+
+
+def differences(old: Mapping, new: Mapping) -> list[str]:
+  """'key (old -> new)' for every setting in which two configs (JSON dicts) differ."""
+  old_flat, new_flat = flatten(old), flatten(new)
+  out = []
+  for key in sorted(set(old_flat) | set(new_flat)):
+    a, b = old_flat.get(key, ABSENT), new_flat.get(key, ABSENT)
+    if a is ABSENT or b is ABSENT or not same_value(a, b):
+      out.append(f"{key} ({show_value(a)} -> {show_value(b)})")
   return out
 
 
@@ -227,7 +261,8 @@ def model_args(config, stage: str) -> dict:
   sizes = config.finetune if stage == "eval" else config[stage]
   args = dict(patch_size=m.patch_size, img_size=sizes.img_size, window_size=sizes.window_size,
               pretrained_window_sizes=sizes.pretrained_window_sizes,
-              remat=m.remat, attention_chunks=m.attention_chunks)
+              remat=m.remat, attention_chunks=m.attention_chunks,
+              attention_impl=m.attention_impl)
   for key in ("embed_dim", "depths", "num_heads", "extra_norm_period"):
     if m[key] is not None:
       args[key] = m[key]
@@ -291,6 +326,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _fail("stages", f"a sequence drawn from {STAGES}, got {stages!r}")
   if list(stages) != sorted(stages, key=STAGES.index):
     _fail("stages", f"stages run in the order {STAGES}, got {stages!r}")
+  if config.distributed.heartbeat_timeout_s < 1:
+    _fail("distributed.heartbeat_timeout_s",
+          f"must be >= 1 second, got {config.distributed.heartbeat_timeout_s}")
   if config.model.name not in models.PRESETS:
     _fail("model.name", f"unknown model {config.model.name!r}; known: "
           f"{', '.join(models.list_models())}")
@@ -305,6 +343,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for c in _per_level("model.attention_chunks", config.model.attention_chunks, num_levels, int):
     if c < 1:
       _fail("model.attention_chunks", f"pieces must be >= 1, got {c}")
+  if config.model.attention_impl not in ATTENTION_IMPLS:
+    _fail("model.attention_impl", f"one of {ATTENTION_IMPLS}, got {config.model.attention_impl!r}")
+  if config.model.attention_impl == "cudnn" and config.model.dtype != "bfloat16":
+    _fail("model.attention_impl", "'cudnn' takes bfloat16 compute (cuDNN flash attention has no "
+          f"{config.model.dtype}); set model.dtype='bfloat16' or use 'auto'")
   for name in TRAINING_STAGES:
     stage = config[name]
     for key in ("batch_size", "steps", "log_every", "checkpoint_every"):
@@ -344,6 +387,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _fail("pretrain.img_size", f"{p.img_size} must be a multiple of the encoder stride {stride}")
   if p.norm_target_window and p.norm_target_window % 2 == 0:
     _fail("pretrain.norm_target_window", f"must be odd (or 0), got {p.norm_target_window}")
+  _positive(config, "pretrain.image_every", allow_zero=True, kind=int)
   f = config.finetune
   if not isinstance(f.init, str) or not f.init:
     _fail("finetune.init", "'pretrain', 'scratch', or a checkpoint path")

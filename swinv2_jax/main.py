@@ -3,6 +3,7 @@
   python -m swinv2_jax.main --config=configs/digits.py --workdir=/tmp/digits
   python -m swinv2_jax.main --config=configs/g_1536.py --workdir=DIR --config.dry_run=True
   python -m swinv2_jax.main --config=configs/digits.py --workdir=DIR --config.eval_only=True
+  python -m swinv2_jax.main --config=configs/swinv2_b.py --workdir=gs://BUCKET/b  # docs/cloud.md
   python -m swinv2_jax.main --config=configs/digits.py:tiny --helpfull   # that config's values
 
 A setting is changed with --config.<key>=<value> (keys below). A config file may take an
@@ -25,7 +26,6 @@ import os
 import re
 import sys
 import time
-import logging as std_logging
 
 from absl import app
 from absl import flags
@@ -36,12 +36,15 @@ from ml_collections import config_flags
 from swinv2_jax import config as config_lib
 from swinv2_jax import distributed
 from swinv2_jax import errors
+from swinv2_jax import logs
+from swinv2_jax import preemption
 from swinv2_jax import train
 from swinv2_jax import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and results go.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and results go: a "
+                               "local folder or gs://BUCKET/PATH (docs/cloud.md).")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show the traceback of a user error (a bad key, "
                              "a missing file, ...) instead of its one-line message.")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -56,13 +59,6 @@ def _listing(config, title: str = "") -> str:
 
 
 __doc__ = _listing(config_lib.base_config())
-
-
-class _QuietCheckpointLogs(std_logging.Filter):
-  """Keeps orbax's per-save INFO chatter out of the training log (warnings still show)."""
-
-  def filter(self, record):
-    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,9 +180,10 @@ def parse_flags(argv):
 # ---------------------------------------------------------------------------------------------
 def check_config(config, workdir: str) -> None:
   """The checks that need no device, before distributed start-up, JAX or the data set: keys
-  and values, the model's levels, the input files of a run (a dry run reads none). Raises a
-  user error."""
+  and values, the model's levels, the workdir's store, the input files of a run (a dry run
+  reads none). Raises a user error."""
   config_lib.validate(config)
+  workdir_lib.check_workdir(workdir)
   if not config.dry_run:
     stages = ("eval",) if config.eval_only else tuple(config.stages)
     workdir_lib.check_inputs(config, workdir, stages, workdir_lib.latest_steps(workdir))
@@ -215,7 +212,7 @@ def main(argv):
   if len(argv) > 1:
     raise errors.UserError(f"unexpected arguments {argv[1:]}: settings are flags, "
                            "--config.<key>=<value> (see --help)")
-  logging.get_absl_handler().addFilter(_QuietCheckpointLogs())
+  logs.quiet_other_libraries()  # --verbosity=0 shows other libraries' INFO lines again
   config = _config_value()
   workdir = _WORKDIR.value
   start = time.perf_counter()
@@ -235,14 +232,38 @@ def main(argv):
 
 
 def run_main(argv):
-  """main, with a user error as `error: ...` (status 2) unless --verbose."""
+  """main, with a user error as `error: ...` (status 2) unless --verbose; a preemption ends
+  with status 0 once its checkpoint is written, a lost process with status 3."""
   try:
     main(argv)
+  except preemption.Preempted as e:
+    logging.info("%s", e)
+    sys.exit(0)
   except Exception as e:  # pylint: disable=broad-except
+    lost = distributed.lost_processes(e)
+    if lost:
+      _exit_lost(lost, e)
     if _VERBOSE.value or not errors.is_user_error(e):
       raise
     errors.report(e)
     sys.exit(errors.EXIT_USER_ERROR)
+
+
+def _exit_lost(lost: list[int], error: Exception) -> None:
+  """One line naming the lost processes, then an immediate exit: a normal exit would wait at
+  the coordination service's shutdown barrier for the process that will never come."""
+  import jax  # pylint: disable=g-import-not-at-top
+  names = ", ".join(str(p) for p in lost)
+  sys.stderr.write(
+      f"error: lost process {names} of {jax.process_count()} (process {jax.process_index()} "
+      f"saw: {str(error).splitlines()[0][:200]}). Every checkpoint already written is intact: "
+      f"rerun the same command on all processes to continue.\n")
+  if _VERBOSE.value:
+    import traceback  # pylint: disable=g-import-not-at-top
+    traceback.print_exception(error)
+  sys.stderr.flush()
+  sys.stdout.flush()
+  os._exit(errors.EXIT_LOST_PROCESS)  # pylint: disable=protected-access
 
 
 if __name__ == "__main__":

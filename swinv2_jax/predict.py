@@ -105,7 +105,7 @@ def model_setup(spec: str):
 
 def _data_set_names(data_cfg) -> list[str] | None:
   try:
-    if data_cfg.name == "folder":
+    if data_lib.is_folder(data_cfg):
       return sources.folder_class_names(data_cfg)
     feature = sources.tfds_builder(data_cfg).info.features[data_cfg.label_key]
     return list(getattr(feature, "names", None) or []) or None

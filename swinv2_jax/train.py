@@ -6,54 +6,27 @@ compiles (task, sharded state, step) is in trainer.py.
 
 from __future__ import annotations
 
-import json
-import os
 import time
 
 import jax
 import numpy as np
 from absl import logging
-from flax import nnx
 
 from swinv2_jax import checkpointing
 from swinv2_jax import config as config_lib
 from swinv2_jax import data as data_lib
 from swinv2_jax import errors
+from swinv2_jax import paths
 from swinv2_jax import plan as plan_lib
+from swinv2_jax import preemption
+from swinv2_jax import progress as progress_lib
 from swinv2_jax import sharding as sharding_lib
 from swinv2_jax import trainer as trainer_lib
-from swinv2_jax import weights
 from swinv2_jax import workdir as workdir_lib
+from swinv2_jax.loading import finetune_init_params
+from swinv2_jax.loading import load_eval_params
 
 Params = trainer_lib.Params
-
-
-# ---------------------------------------------------------------------------------------------
-# Outputs: metrics.jsonl, TensorBoard, eval.json.
-# ---------------------------------------------------------------------------------------------
-class MetricWriter:
-  """One JSON object per logged step in metrics.jsonl and TensorBoard scalars (process 0).
-
-  The TensorBoard file is opened at the first record: a run that logs nothing adds none."""
-
-  def __init__(self, workdir: str):
-    self.enabled = jax.process_index() == 0
-    self.workdir = workdir
-    self.path = os.path.join(workdir, workdir_lib.METRICS_JSONL)
-    self.tb = None
-
-  def write(self, record: dict) -> None:
-    if not self.enabled:
-      return
-    if self.tb is None:
-      from tensorboardX import SummaryWriter
-      self.tb = SummaryWriter(os.path.join(self.workdir, "tensorboard"))
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
-    for key, value in record.items():
-      if key not in ("stage", "step") and isinstance(value, (int, float)):
-        self.tb.add_scalar(f"{record['stage']}/{key}", value, record["step"])
-    self.tb.flush()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,44 +43,57 @@ def prior_eval_records(workdir: str, up_to_step: int) -> list[dict]:
   return workdir_lib.eval_records(workdir, up_to_step)
 
 
-def train_stage(config, workdir: str, task: trainer_lib.Task, layout, writer: MetricWriter,
-                init_params: Params | None = None, evaluator: "Evaluator | None" = None):
+def train_stage(config, workdir: str, task: trainer_lib.Task, layout,
+                writer: progress_lib.MetricWriter, init_params: Params | None = None,
+                evaluator: "Evaluator | None" = None, *, watch: preemption.Watch | None = None,
+                config_record: dict | None = None, progress: progress_lib.Progress | None = None):
   """Runs (or resumes, or skips when complete) one training stage.
 
+  Resumes from the newest intact checkpoint (damaged ones are moved aside), on any number of
+  processes and devices. With `watch`, a SIGTERM saves at the next step and raises Preempted.
   Returns its final state and the evaluations made while training (`<stage>.eval_every`).
   """
   s = task.stage_cfg
+  watch = watch or preemption.Watch()
+  progress = progress or progress_lib.Progress(config)
+  config_record = config_record or workdir_lib.config_json(config)
   ckpt_dir = workdir_lib.checkpoint_dir(workdir, task.name)
-  latest = checkpointing.latest_step(ckpt_dir)
-  if latest is not None and latest >= s.steps:
-    logging.info("%s: complete (checkpoint at step %d), restored", task.name, latest)
-    mngr = checkpointing.manager(ckpt_dir, keep=config.checkpoint.keep, use_async=False,
-                                 create=False)
-    trainer = trainer_lib.make_trainer(config, task, layout, accum_steps=1)  # state shapes only
-    state = checkpointing.restore(mngr, latest, trainer.abstract_state, trainer.state_shardings)
-    return state, prior_eval_records(workdir, latest)
   mngr = checkpointing.manager(ckpt_dir, keep=config.checkpoint.keep,
                                use_async=config.checkpoint.use_async)
+  shapes = trainer_lib.make_trainer(config, task, layout, accum_steps=1)  # state shapes only
+  restored = checkpointing.restore_latest(mngr, shapes.abstract_state, shapes.state_shardings,
+                                          what=task.name, config=config_record)
+  latest = None if restored is None else restored[0]
+  if latest is not None and latest >= s.steps:
+    logging.info("%s: complete (checkpoint at step %d), restored", task.name, latest)
+    return restored[1], prior_eval_records(workdir, latest)
 
+  if watch.pending():  # signalled between stages: stop before compiling this one
+    raise preemption.Preempted(task.name, latest or 0, ckpt_dir, before_stage=True)
+  progress.compiling(task.name)
   compile_start = time.perf_counter()
   if s.accum_steps == "auto":
     trainer, compiled = plan_lib.fit_accum_steps(config, task, layout)
   else:
     trainer = trainer_lib.make_trainer(config, task, layout)
     compiled = trainer_lib.compile_step(trainer, trainer_lib.trainer_batch(config, trainer))
-  summary = plan_lib.summarize(trainer, compiled, config,
-                               compile_s=time.perf_counter() - compile_start)
-  logging.info("%s: compiled step\n%s", task.name, plan_lib.format_table(summary))
+  progress.compiled(plan_lib.summarize(trainer, compiled, config,
+                                       compile_s=time.perf_counter() - compile_start))
+  if watch.pending():  # signalled while compiling: nothing of this stage is done yet
+    raise preemption.Preempted(task.name, latest or 0, ckpt_dir, before_stage=True)
+  # TensorBoard's SimMIM images (pretrain.image_every), by a jitted function of their own.
+  draw_images = progress_lib.reconstruction_images(config, trainer, layout, writer, progress)
 
   mask_cfg = dict(mask_patch_size=config.pretrain.mask_patch_size,
                   model_patch_size=config.model.patch_size,
                   mask_ratio=config.pretrain.mask_ratio)
+  # The data position is the step (data/pipeline.py): the stream starts at the checkpoint's.
   iterator = data_lib.build_train_iterator(
       config.data, kind=task.data_kind, image_size=s.img_size, global_batch_size=s.batch_size,
-      seed=config.seed, mask_cfg=mask_cfg if task.data_kind == "simmim" else None)
+      seed=config.seed, mask_cfg=mask_cfg if task.data_kind == "simmim" else None,
+      start_step=latest or 0)
   if latest is not None:
-    state = checkpointing.restore(mngr, latest, trainer.abstract_state, trainer.state_shardings,
-                                  iterator)
+    state = restored[1]
     logging.info("%s: resumed from step %d", task.name, latest)
   else:
     state = trainer.init()
@@ -124,18 +110,25 @@ def train_stage(config, workdir: str, task: trainer_lib.Task, layout, writer: Me
   step = int(jax.device_get(state["step"]))
   evals = prior_eval_records(workdir, step)
   eval_every = s.get("eval_every", 0) if evaluator is not None else 0
-  last_log_time, last_log_step = time.time(), step
+  progress.start(task.name, step)
   previous_metrics = None
+  def fetch():
+    local = progress.next_batch(iterator)  # its wait is the progress line's input wait
+    return local, sharding_lib.global_microbatches(local, layout, trainer.accum_steps)
+
+  ahead = fetch()
   while step < s.steps:
-    local = next(iterator)
-    batch = sharding_lib.global_microbatches(local, layout, trainer.accum_steps)
-    state, metrics = compiled(state, batch, rng)
+    local, batch = ahead
+    state, metrics = compiled(state, batch, rng)  # dispatched: runs while the next is fetched
     step += 1
+    if step < s.steps:  # the next batch is read and put on the devices during this step
+      ahead = fetch()
+    preempted = watch.reached(step)  # every process, every step: the same answer on all
     if s.skip_nonfinite and previous_metrics is not None:
       # The previous step's count is ready by now: reading it does not stall the device.
       _check_skipped(task.name, step - 1, int(previous_metrics["skipped_in_row"]), s, mngr)
     previous_metrics = metrics
-    save_now = step % s.checkpoint_every == 0 or step == s.steps
+    save_now = step % s.checkpoint_every == 0 or step == s.steps or preempted
     if step % s.log_every == 0 or save_now:
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
       if s.skip_nonfinite:
@@ -146,15 +139,15 @@ def train_stage(config, workdir: str, task: trainer_lib.Task, layout, writer: Me
             f"{task.name}: loss {metrics['loss']} / grad norm {metrics['grad_norm']} at step "
             f"{step}; nothing after step {mngr.latest_step()} was saved (checkpoints in "
             f"{mngr.directory}). {_remedy(task.name, mngr, skip=True)}")
-      now = time.time()
-      images_per_s = (step - last_log_step) * s.batch_size / max(now - last_log_time, 1e-9)
-      last_log_time, last_log_step = now, step
-      writer.write(dict(stage=task.name, step=step, **metrics, images_per_s=images_per_s))
-      logging.info("%s step %d/%d: loss %.4f lr %.3g grad norm %.3g, %.1f images/s",
-                   task.name, step, s.steps, metrics["loss"], metrics["lr"],
-                   metrics["grad_norm"], images_per_s)
+      writer.write(progress.log_step(step, metrics))  # + images/s, MFU, input wait, ETA
+    if draw_images:
+      draw_images(state["params"], local, step)
     if save_now:
-      checkpointing.save(mngr, step, state, iterator)
+      checkpointing.save(mngr, step, state, config=config_record, data=dict(
+          step=step, global_batch=s.batch_size, examples_seen=step * s.batch_size))
+    if preempted:
+      mngr.wait_until_finished()
+      raise preemption.Preempted(task.name, step, checkpointing.step_dir(mngr, step))
     if eval_every and step % eval_every == 0:
       # Logged as stage "eval" at the fine-tune step: TensorBoard's eval/top1 curve.
       record = dict(stage="eval", step=step)
@@ -213,9 +206,11 @@ class Evaluator:
   """Top-1 / top-5 over the whole eval split, compiled once, for any parameters of the
   fine-tune model (the training params, the EMA copy, or loaded weights)."""
 
-  def __init__(self, config, num_classes: int, layout):
+  def __init__(self, config, num_classes: int, layout,
+               progress: progress_lib.Progress | None = None):
     self.config = config
     self.step = trainer_lib.make_eval_step(config, num_classes, layout)
+    self.progress = progress
 
   def __call__(self, params: Params) -> dict:
     step = self.step
@@ -224,8 +219,9 @@ class Evaluator:
     eval_iter = data_lib.build_eval_iterator(
         self.config.data, image_size=self.config.finetune.img_size,
         global_batch_size=self.config.eval.batch_size)
+    batches = eval_iter if self.progress is None else self.progress.eval_batches(eval_iter)
     with jax.set_mesh(step.layout.mesh):  # per-group weight gathering, as in training
-      for local in eval_iter:
+      for local in batches:
         batch = sharding_lib.global_batch(local, step.layout.batch)
         for k, v in jax.device_get(step.counts(params, batch)).items():
           totals[k] += float(v)
@@ -249,72 +245,9 @@ def best_of(evals: list[dict], final: dict, final_step: int | None, prefix: str 
   return {f"{prefix}best_top1": top1, f"{prefix}best_step": step}
 
 
-def load_eval_params(config, workdir: str, num_classes: int, layout):
-  """Parameters to evaluate: config.eval_checkpoint, else the workdir's latest fine-tune.
-
-  Returns (params, ema params or None, source, fine-tune step or None).
-  """
-  path = config.eval_checkpoint
-  if path:
-    model = trainer_lib.build_classifier(config, "eval", num_classes)
-    if os.path.isdir(path):
-      weights.load_params(path, model)
-    else:
-      weights.load_pytorch_weights(model, path)
-    return trainer_lib.split_params(model)[1], None, path, None
-  return load_finetune_params(config, workdir, num_classes, layout)
-
-
-def load_finetune_params(config, workdir: str, num_classes: int, layout):
-  """The workdir's latest fine-tune checkpoint, as `load_eval_params` returns it."""
-  task = trainer_lib.finetune_task(config, num_classes)
-  trainer = trainer_lib.make_trainer(config, task, layout, accum_steps=1)  # state shapes only
-  ckpt_dir = workdir_lib.checkpoint_dir(workdir, "finetune")
-  mngr = checkpointing.manager(ckpt_dir, keep=config.checkpoint.keep, use_async=False,
-                               create=False)
-  latest = mngr.latest_step()
-  if latest is None:
-    raise FileNotFoundError(
-        f"no fine-tuning checkpoint in {ckpt_dir} to evaluate: run the finetune stage first "
-        f"or set config.eval_checkpoint to a checkpoint path")
-  state = checkpointing.restore(mngr, latest, trainer.abstract_state, trainer.state_shardings)
-  return state["params"], state.get("ema"), os.path.join(ckpt_dir, str(latest)), latest
-
-
 # ---------------------------------------------------------------------------------------------
 # The whole job.
 # ---------------------------------------------------------------------------------------------
-def finetune_init_params(config, workdir: str, num_classes: int, layout) -> Params | None:
-  init = config.finetune.init
-  if init == "scratch":
-    return None
-  if init == "pretrain":
-    encoder_dir = workdir_lib.encoder_dir(workdir)
-    if not os.path.isdir(encoder_dir):
-      raise FileNotFoundError(
-          f"finetune.init='pretrain' but {encoder_dir} does not exist: run the pretrain stage "
-          f"first, or set finetune.init='scratch' or a checkpoint path")
-    encoder = nnx.eval_shape(lambda: trainer_lib.build_classifier(config, "finetune", 0))
-    abstract = trainer_lib.split_params(encoder)[1]
-    return checkpointing.load_tree(encoder_dir, abstract, layout.params(abstract))
-  model = trainer_lib.build_classifier(config, "finetune", num_classes)
-  try:
-    if os.path.isdir(init):
-      weights.load_params(init, model)
-    else:
-      weights.load_pytorch_weights(model, init, drop_head=config.finetune.drop_head)
-  except ValueError as e:  # missing, unexpected or mis-shaped weights: say which key fixes it
-    fix = ("set config.finetune.drop_head=True to keep the model's own head"
-           if "drop_head" in str(e) else
-           "set config.model.* to the checkpoint's architecture, or use another finetune.init")
-    details = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
-    shown = f"{details[0]}, and {len(details) - 1} more" if len(details) > 1 else (
-        details[0] if details else str(e))
-    raise config_lib.ConfigError(
-        f"config.finetune.init: {init} does not fit the model ({fix}): {shown}") from e
-  return trainer_lib.split_params(model)[1]
-
-
 def run(config, workdir: str) -> dict:
   """Runs the configured stages in order; returns the eval result when evaluation ran.
 
@@ -335,23 +268,49 @@ def run(config, workdir: str) -> dict:
   if ("finetune" in stages and latest["finetune"] is None
       and config.finetune.init not in ("pretrain", "scratch")):
     init = finetune_init_params(config, workdir, info.num_classes, layout)
+  _check_checkpoints_fit(config, workdir, stages, latest, info.num_classes, layout, resolved)
   final = None  # (params, ema, source, step) of the evaluation
   if "eval" in stages and "finetune" not in stages and config.eval_checkpoint:
     final = load_eval_params(config, workdir, info.num_classes, layout)
 
   # The first write.
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   workdir_lib.save_config(workdir, resolved)
   for line in changes:
     logging.info("%s", line)
-  writer = MetricWriter(workdir)
+  writer = progress_lib.MetricWriter(workdir)
+  progress = progress_lib.Progress(config, info, stages, latest)
   logging.info("data %s: %d classes, %d train / %d eval examples", config.data.name,
                info.num_classes, info.num_train_examples, info.num_eval_examples)
   evaluator = None
   if "eval" in stages or ("finetune" in stages and config.finetune.eval_every):
-    evaluator = Evaluator(config, info.num_classes, layout)
+    evaluator = Evaluator(config, info.num_classes, layout, progress)
+  watch = preemption.Watch()
+  with watch.installed():
+    return _run_stages(config, workdir, stages, latest=latest, info=info, layout=layout,
+                       writer=writer, evaluator=evaluator, init=init, final=final, watch=watch,
+                       resolved=resolved, progress=progress)
+
+
+def _check_checkpoints_fit(config, workdir: str, stages, latest, num_classes: int, layout,
+                           resolved: dict) -> None:
+  """Refuses, before the first write, to resume from a checkpoint of another config."""
+  tasks = dict(pretrain=lambda: trainer_lib.simmim_task(config),
+               finetune=lambda: trainer_lib.finetune_task(config, num_classes))
+  for stage, task in tasks.items():
+    if stage in stages and latest.get(stage) is not None:
+      shapes = trainer_lib.make_trainer(config, task(), layout, accum_steps=1)
+      mngr = checkpointing.manager(workdir_lib.checkpoint_dir(workdir, stage),
+                                   keep=config.checkpoint.keep, use_async=False, create=False)
+      checkpointing.check_fits(mngr, latest[stage], shapes.abstract_state, resolved)
+
+
+def _run_stages(config, workdir: str, stages, *, latest, info, layout, writer, evaluator, init,
+                final, watch, resolved, progress) -> dict:
+  """The stages of `run`, in order, after its checks and first write."""
   evals = []
   for stage in stages:
+    progress.begin(stage)  # times the stage, for the end-of-job summary
     done = latest.get(stage) is not None and latest[stage] >= config[stage].steps
     if stage == "pretrain":
       encoder_dir = workdir_lib.encoder_dir(workdir)
@@ -359,16 +318,14 @@ def run(config, workdir: str) -> dict:
         logging.info("pretrain: complete (checkpoint and encoder at step %d), skipped",
                      latest[stage])
         continue
-      state, _ = train_stage(config, workdir, trainer_lib.simmim_task(config), layout, writer)
+      state, _ = train_stage(config, workdir, trainer_lib.simmim_task(config), layout, writer,
+                             watch=watch, config_record=resolved, progress=progress)
       # The encoder alone, for fine-tuning (a collective save on multi-host).
       checkpointing.save_tree(encoder_dir, state["params"]["encoder"],
                               step=int(state["step"]))
     elif stage == "finetune":
-      if done:
+      if done and "eval" not in stages:
         logging.info("finetune: complete (checkpoint at step %d), skipped", latest[stage])
-        if "eval" in stages:
-          final = load_finetune_params(config, workdir, info.num_classes, layout)
-          evals = prior_eval_records(workdir, final[3])
         continue
       # Only a fine-tune that starts (no checkpoint yet) reads its initial weights: loaded
       # above from a file, or now from the encoder that pretraining has just exported.
@@ -376,10 +333,11 @@ def run(config, workdir: str) -> dict:
         init = finetune_init_params(config, workdir, info.num_classes, layout)
       task = trainer_lib.finetune_task(config, info.num_classes)
       state, evals = train_stage(config, workdir, task, layout, writer, init_params=init,
-                                 evaluator=evaluator)
+                                 evaluator=evaluator, watch=watch, config_record=resolved,
+                                 progress=progress)
       step = int(state["step"])
       final = (state["params"], state.get("ema"),
-               os.path.join(workdir_lib.checkpoint_dir(workdir, "finetune"), str(step)), step)
+               paths.join(workdir_lib.checkpoint_dir(workdir, "finetune"), str(step)), step)
     elif stage == "eval":
       if final is None:
         final = load_eval_params(config, workdir, info.num_classes, layout)
@@ -393,8 +351,10 @@ def run(config, workdir: str) -> dict:
         result.update(ema_top1=ema_result["top1"], ema_top5=ema_result["top5"],
                       **best_of(evals, ema_result, step, prefix="ema_"))
       result["checkpoint"] = source
-      workdir_lib.write_json(os.path.join(workdir, "eval.json"), result)
+      workdir_lib.write_json(paths.join(workdir, "eval.json"), result)
       logging.info("eval: top-1 %.4f top-5 %.4f on %d examples (%s)", result["top1"],
                    result["top5"], result["num_examples"], source)
+      progress.finish(workdir, result)
       return result
+  progress.finish(workdir)
   return {}

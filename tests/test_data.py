@@ -467,3 +467,19 @@ def test_config_rejects_unknown_keys_and_flipped_digits():
   cfg.hflip = True
   with pytest.raises(ValueError, match="^data.hflip: "):
     data.validate_data_config(cfg)
+
+
+def test_folder_name_with_its_root_reads_the_same_tree(tmp_path):
+  """data.name='folder:/root' is data.name='folder' with data.folder='/root', resumable alike."""
+  _id_folder(tmp_path, 20)
+  cfg = _identity_cfg(tmp_path)
+  short = cfg.copy_and_resolve_references()
+  short.name, short.folder = f"folder:{tmp_path}", None
+  data.validate_data_config(short)
+  np.testing.assert_array_equal(_global_ids(short, 2, 4), _global_ids(cfg, 2, 4))
+  np.testing.assert_array_equal(_global_ids(short, 1, 2, start_step=2),
+                                _global_ids(cfg, 1, 4)[20:])
+  assert data.dataset_info(short).num_classes == 2
+  short.folder = str(tmp_path / "elsewhere")
+  with pytest.raises(ValueError, match="data.folder: .* name two roots"):
+    data.validate_data_config(short)

@@ -4,7 +4,8 @@ Importing this package registers the tfds `digits` builder.
 """
 
 from swinv2_jax.data import digits  # registers the tfds builder  # noqa: F401
-from swinv2_jax.data.config import default_data_config, validate_data_config
+from swinv2_jax.data.config import (default_data_config, folder_root, is_folder,
+                                    validate_data_config)
 from swinv2_jax.data.mixup import (apply_mixup_cutmix, mixup_cutmix, mixup_cutmix_params,
                                    smooth_one_hot)
 from swinv2_jax.data.pipeline import (EvalIterable, build_eval_iterator, build_train_dataset,
@@ -17,5 +18,6 @@ __all__ = [
     "DatasetInfo", "DatasetNotFoundError", "EvalIterable", "RandAugment", "apply_mixup_cutmix",
     "build_eval_iterator",
     "build_train_dataset", "build_train_iterator", "dataset_info", "default_data_config",
-    "mixup_cutmix", "mixup_cutmix_params", "simmim_mask", "smooth_one_hot", "validate_data_config",
+    "folder_root", "is_folder", "mixup_cutmix", "mixup_cutmix_params", "simmim_mask",
+    "smooth_one_hot", "validate_data_config",
 ]

@@ -55,9 +55,22 @@ def default_data_config(name: str = "imagenet2012") -> ml_collections.ConfigDict
     c.hflip = False
     c.rrc_scale = (0.35, 1.0)
     c.eval_split = "test"
-  elif name == "folder":
+  elif is_folder(c):
     c.eval_split = "val"
   return c
+
+
+FOLDER = "folder"
+
+
+def is_folder(cfg) -> bool:
+  """An image-folder data set: data.name 'folder' (root in data.folder) or 'folder:/root'."""
+  return cfg.name == FOLDER or str(cfg.name).startswith(FOLDER + ":")
+
+
+def folder_root(cfg) -> str | None:
+  """The image root of a folder data set: data.folder, else what follows 'folder:'."""
+  return cfg.folder or (cfg.name[len(FOLDER) + 1:] if cfg.name != FOLDER else None) or None
 
 
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos")
@@ -87,8 +100,11 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
       _fail(key, "missing (start from default_data_config())")
   if not isinstance(cfg.name, str) or not cfg.name:
     _fail("name", f'must be a tfds data set name or "folder", got {cfg.name!r}')
-  if cfg.name == "folder" and not cfg.folder:
-    _fail("folder", 'must name the image root when data.name is "folder"')
+  if is_folder(cfg) and not folder_root(cfg):
+    _fail("folder", 'must name the image root when data.name is "folder" (or use '
+          'data.name="folder:/path/to/root")')
+  if cfg.name.startswith(FOLDER + ":") and cfg.folder and cfg.folder != cfg.name[len(FOLDER) + 1:]:
+    _fail("folder", f"{cfg.folder!r} and data.name={cfg.name!r} name two roots; give one")
   if cfg.name == "digits" and cfg.hflip:
     _fail("hflip", "must be False for digits (a mirrored digit is not the same digit)")
   if not 0.0 <= cfg.folder_eval_fraction < 1.0:

@@ -18,6 +18,7 @@ from etils import epath
 from PIL import Image
 
 from swinv2_jax import paths
+from swinv2_jax.data.config import folder_root, is_folder
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 _FOLDER_SPLIT_SEED = 0
@@ -180,14 +181,14 @@ def _class_dirs(directory: pathlib.Path):
 
 def _folder_layout_error(cfg, problem: str):
   return DatasetNotFoundError(
-      f"data.folder: {problem}; expected {cfg.folder}/<split>/<class>/<image> with splits "
-      f"{cfg.train_split!r} and an eval split (data.eval_split), or {cfg.folder}/<class>/<image> "
+      f"data.folder: {problem}; expected {folder_root(cfg)}/<split>/<class>/<image> with splits "
+      f"{cfg.train_split!r} and an eval split (data.eval_split), or {folder_root(cfg)}/<class>/<image> "
       "with data.folder_eval_fraction > 0")
 
 
 def folder_records(cfg, split: str, train: bool) -> FolderRecords:
   """Files of one split. Classes are the sorted subfolders of the train split (or of the root)."""
-  root = pathlib.Path(os.fspath(cfg.folder))
+  root = pathlib.Path(folder_root(cfg))
   if not root.is_dir():
     raise _folder_layout_error(cfg, f"{root} does not exist")
   if cfg.folder_eval_fraction > 0:
@@ -228,7 +229,7 @@ def folder_records(cfg, split: str, train: bool) -> FolderRecords:
 
 def folder_class_names(cfg) -> list[str]:
   """The class folders' names in label order (sorted)."""
-  root = pathlib.Path(os.fspath(cfg.folder))
+  root = pathlib.Path(folder_root(cfg))
   base = root if cfg.folder_eval_fraction > 0 else root / cfg.train_split
   if not base.is_dir():
     raise _folder_layout_error(cfg, f"{base} does not exist")
@@ -247,7 +248,7 @@ def folder_num_classes(cfg) -> int:
 def eval_split_name(cfg, builder=None) -> str:
   if cfg.eval_split is not None:
     return cfg.eval_split
-  if cfg.name == "folder":
+  if is_folder(cfg):
     return "val"
   splits = builder.info.splits.keys()
   for name in ("validation", "test"):
@@ -259,7 +260,7 @@ def eval_split_name(cfg, builder=None) -> str:
 
 def open_split(cfg, which: str):
   """(records, num_classes) of the train (`which='train'`) or eval split of cfg."""
-  if cfg.name == "folder":
+  if is_folder(cfg):
     split = cfg.train_split if which == "train" else eval_split_name(cfg)
     return folder_records(cfg, split, train=which == "train"), folder_num_classes(cfg)
   builder = tfds_builder(cfg)
@@ -275,7 +276,7 @@ def dataset_info(cfg) -> DatasetInfo:
   """(num_classes, num_train_examples, num_eval_examples) of the configured data set."""
   from swinv2_jax.data.config import validate_data_config  # pylint: disable=g-import-not-at-top
   validate_data_config(cfg)
-  if cfg.name == "folder":
+  if is_folder(cfg):
     train, num_classes = open_split(cfg, "train")
     evals, _ = open_split(cfg, "eval")
     return DatasetInfo(num_classes, len(train), len(evals))

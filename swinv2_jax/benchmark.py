@@ -29,7 +29,8 @@ n/a unless `--peak_tflops` is given.
 sizes its CPU thread pools to N; PyTorch gets `torch.set_num_threads(N)` as well.
 
 `--compare=timm` (torch and timm are optional; without them it says so in one line and exits
-with status 2) runs timm's model of the same name, pretrained=False, at the same sizes, batch,
+with status 2; `--torch_python=PYTHON` runs that side in another interpreter, e.g. a separate
+venv with torch, so that this one needs neither) runs timm's model of the same name, pretrained=False, at the same sizes, batch,
 dtype (bfloat16: autocast) and threads, eager and torch.compile'd (its compile time apart, from
 an empty inductor cache unless TORCHINDUCTOR_CACHE_DIR is set): forward under
 torch.inference_mode, train as cross-entropy, backward, clipping and an AdamW step; and prints
@@ -48,19 +49,19 @@ import re
 import resource
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 
-from absl import app
-from absl import flags
-from absl import logging
-
 from swinv2_jax import errors  # stdlib only: nothing here may start JAX before main() runs
+from swinv2_jax.accelerators import accelerator_key  # stdlib only, as errors
 
 MODES = ("forward", "train", "simmim")
 DTYPES = ("float32", "bfloat16")
-ATTENTION_IMPLS = ("xla",)
+# The PyTorch side as its own process: `PYTHON -m swinv2_jax.benchmark --timm_reference` reads
+# the settings as JSON on stdin and writes its figures as JSON on stdout (torch, timm, stdlib).
+TIMM_REFERENCE_ARG = "--timm_reference"
 
 @dataclasses.dataclass
 class Options:
@@ -88,10 +89,12 @@ class Options:
   threads: int = 0
   compare: str | None = None
   timm_compile: bool = True
+  torch_python: str = ""
 
 
 def _define_flags():
   """The flags, defined when the module runs as a program (importing it defines none)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top  (not in --torch_python's venv)
   d = Options()
   flags.DEFINE_string("model", d.model, "A preset name (swinv2_jax.models.list_models()).")
   flags.DEFINE_integer("img_size", d.img_size, "Input size; 0: the preset's.")
@@ -109,9 +112,9 @@ def _define_flags():
                       "(comma list).")
   flags.DEFINE_string("attention_chunks", d.attention_chunks, "Sequential attention: pieces "
                       "per level, an int or a comma list.")
-  flags.DEFINE_string("attention_impl", d.attention_impl, "Attention kernel. Only 'xla' (the "
-                      "model's own attention, compiled by XLA) exists; this is where a fused "
-                      "kernel will plug in.")
+  flags.DEFINE_string("attention_impl", d.attention_impl, "model.attention_impl: 'xla' (every "
+                      "window through the einsums), 'cudnn' or 'auto' (unshifted windows through "
+                      "jax.nn.dot_product_attention: cuDNN, or cuDNN where it can, else XLA).")
   flags.DEFINE_string("mesh", d.mesh, "Mesh axes and sizes, e.g. data=8 or data=4,fsdp=2 "
                       "(every axis is data-parallel; -1: the remaining devices).")
   flags.DEFINE_integer("fake_devices", d.fake_devices, "N > 0: run on N fake CPU devices "
@@ -129,6 +132,9 @@ def _define_flags():
                     "model of the same name), eager and torch.compile'd.")
   flags.DEFINE_bool("timm_compile", d.timm_compile, "With --compare=timm: also time "
                     "torch.compile (its compile time reported apart).")
+  flags.DEFINE_string("torch_python", d.torch_python, "With --compare=timm: a Python with torch "
+                      "and timm (e.g. another venv's bin/python) that runs the PyTorch side in "
+                      "its own process; empty: this process imports torch.")
 
 
 def options_from_flags(flag_values) -> Options:
@@ -137,29 +143,6 @@ def options_from_flags(flag_values) -> Options:
 
 class BenchmarkError(errors.UserError):
   """A bad option: one line, exit status 2."""
-
-
-# Device kinds (jax.devices()[0].device_kind) -> keys of config.ACCELERATORS, first match wins
-# (an H100 PCIe counts as the SXM part's 989 TFLOP/s: --peak_tflops=756 for its own figure).
-DEVICE_KINDS = (
-    (r"h200", "h200"),
-    (r"h100", "h100"),
-    (r"a100.*80", "a100-80g"),
-    (r"a100", "a100-40g"),
-    (r"tpu v4", "v4"),
-    (r"tpu v5 ?(lite|e)", "v5e"),
-    (r"tpu v5", "v5p"),
-    (r"tpu v6", "v6e"),
-)
-
-
-def accelerator_key(device_kind: str) -> str | None:
-  """'NVIDIA H100 80GB HBM3' -> 'h100'; None for a kind without a known peak (CPU)."""
-  kind = device_kind.lower()
-  for pattern, key in DEVICE_KINDS:
-    if re.search(pattern, kind):
-      return key
-  return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,9 +170,6 @@ def parse_mesh(text: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
 
 
 def check_options(opts: Options):
-  if opts.attention_impl not in ATTENTION_IMPLS:
-    raise BenchmarkError(f"--attention_impl={opts.attention_impl}: only 'xla' is implemented "
-                         "(a fused attention kernel will plug in here)")
   for name, least in (("batch", 1), ("accum_steps", 1), ("iters", 1), ("warmup", 0),
                       ("threads", 0), ("fake_devices", 0)):
     if getattr(opts, name) < least:
@@ -203,6 +183,8 @@ def check_options(opts: Options):
     raise BenchmarkError("--accum_steps: applies to --mode=train and simmim, not forward")
   if opts.compare == "timm" and opts.mode == "simmim":
     raise BenchmarkError("--compare=timm: timm has no SimMIM; compare --mode=forward or train")
+  if opts.torch_python and opts.compare != "timm":
+    raise BenchmarkError("--torch_python: runs the PyTorch side of --compare=timm; add it")
   parse_mesh(opts.mesh)
 
 
@@ -240,6 +222,31 @@ def _import_torch():
   return torch, timm
 
 
+def _torch_python_env() -> dict:
+  """The environment of a --torch_python process: this repository importable (for this
+  module), nothing of JAX's."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+  return env
+
+
+def _check_torch(opts: Options) -> None:
+  """Before anything compiles: torch and timm import here, or in --torch_python."""
+  if not opts.torch_python:
+    _import_torch()
+    return
+  try:
+    done = subprocess.run([opts.torch_python, "-c", "import torch, timm"], capture_output=True,
+                          text=True, env=_torch_python_env(), timeout=600)
+  except OSError as e:
+    raise BenchmarkError(f"--torch_python={opts.torch_python}: {e.strerror}") from None
+  if done.returncode:
+    last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+    raise BenchmarkError(f"--torch_python={opts.torch_python}: cannot import torch and timm: "
+                         f"{last}")
+
+
 # ---------------------------------------------------------------------------------------------
 # The config of the step.
 # ---------------------------------------------------------------------------------------------
@@ -266,6 +273,11 @@ def build_config(opts: Options, preset: dict):
   if min(chunks if isinstance(chunks, tuple) else (chunks,)) < 1:
     raise BenchmarkError(f"--attention_chunks={opts.attention_chunks}: pieces must be >= 1")
   m.attention_chunks = chunks
+  from swinv2_jax.models.layers import ATTENTION_IMPLS  # pylint: disable=g-import-not-at-top
+  if opts.attention_impl not in ATTENTION_IMPLS:
+    raise BenchmarkError(f"--attention_impl={opts.attention_impl}: one of "
+                         f"{', '.join(ATTENTION_IMPLS)}")
+  m.attention_impl = opts.attention_impl
   img = opts.img_size or preset["img_size"]
   window = _ints(opts.window_size, "window_size") if opts.window_size else preset[
       "window_size"]
@@ -423,30 +435,43 @@ def run_jax(opts: Options, config, num_classes: int, layout) -> dict:
 # ---------------------------------------------------------------------------------------------
 # The PyTorch reference (timm), on the same machine, model, batch, dtype and threads.
 # ---------------------------------------------------------------------------------------------
-def run_timm(opts: Options, config, num_classes: int, threads: int, platform: str) -> dict:
-  torch, timm = _import_torch()
-  mode, name = opts.mode, config.model.name
-  if not timm.is_model(name):
-    raise BenchmarkError(f"--compare=timm: timm has no model {name!r}")
-  stage = config.finetune
+def timm_settings(opts: Options, config, num_classes: int, threads: int, platform: str) -> dict:
+  """What the PyTorch side runs, as plain JSON values (it may run in another interpreter)."""
+  stage, m = config.finetune, config.model
   if not isinstance(stage.window_size, int):
     raise BenchmarkError("--compare=timm: timm takes one window size for all levels, got "
                          f"{stage.window_size}")
-  torch.set_num_threads(threads)
-  device = torch.device("cuda" if platform == "gpu" and torch.cuda.is_available() else "cpu")
   kwargs = dict(img_size=stage.img_size, window_size=stage.window_size,
                 num_classes=num_classes,
-                drop_path_rate=stage.drop_path_rate if mode == "train" else 0.0)
+                drop_path_rate=stage.drop_path_rate if opts.mode == "train" else 0.0)
   for key in ("embed_dim", "depths", "num_heads"):
-    if config.model[key] is not None:
-      kwargs[key] = config.model[key]
+    if m[key] is not None:
+      kwargs[key] = list(m[key]) if isinstance(m[key], tuple) else m[key]
+  return dict(name=m.name, kwargs=kwargs, mode=opts.mode, batch=opts.batch,
+              accum_steps=opts.accum_steps, bfloat16=m.dtype == "bfloat16", threads=threads,
+              platform=platform, warmup=opts.warmup, iters=opts.iters,
+              compile=opts.timm_compile, lr=stage.base_lr, betas=list(stage.betas),
+              weight_decay=stage.weight_decay, clip_grad=stage.clip_grad,
+              label_smoothing=float(config.data.label_smoothing))
+
+
+def timm_reference(t: dict) -> dict:
+  """Times timm's model for the settings of `timm_settings`. Needs torch, timm and the stdlib
+  only, so that it runs in a --torch_python interpreter too."""
+  torch, timm = _import_torch()
+  mode, name, batch, accum = t["mode"], t["name"], t["batch"], t["accum_steps"]
+  if not timm.is_model(name):
+    raise BenchmarkError(f"--compare=timm: timm has no model {name!r}")
+  torch.set_num_threads(t["threads"])
+  device = torch.device("cuda" if t["platform"] == "gpu" and torch.cuda.is_available()
+                        else "cpu")
   torch.manual_seed(0)
-  model = timm.create_model(name, pretrained=False, **kwargs).to(device)
-  batch, accum = opts.batch, opts.accum_steps
-  images = torch.randn(batch, 3, stage.img_size, stage.img_size, device=device)
+  model = timm.create_model(name, pretrained=False, **t["kwargs"]).to(device)
+  size, num_classes = t["kwargs"]["img_size"], t["kwargs"]["num_classes"]
+  images = torch.randn(batch, 3, size, size, device=device)
   labels = torch.randint(0, num_classes, (batch,), device=device)
   autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if (
-      config.model.dtype == "bfloat16") else contextlib.nullcontext
+      t["bfloat16"]) else contextlib.nullcontext
   sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
   def step_fn(net):
@@ -459,32 +484,30 @@ def run_timm(opts: Options, config, num_classes: int, threads: int, platform: st
         sync()
       return call
     net.train()
-    s = config.finetune
-    opt = torch.optim.AdamW(model.parameters(), lr=s.base_lr, betas=tuple(s.betas),
-                            weight_decay=s.weight_decay)
-    label_smoothing = float(config.data.label_smoothing)
+    opt = torch.optim.AdamW(model.parameters(), lr=t["lr"], betas=tuple(t["betas"]),
+                            weight_decay=t["weight_decay"])
 
     def call():
       for x, y in zip(images.chunk(accum), labels.chunk(accum)):
         with autocast():
-          loss = torch.nn.functional.cross_entropy(net(x).float(), y,
-                                                   label_smoothing=label_smoothing) / accum
+          loss = torch.nn.functional.cross_entropy(
+              net(x).float(), y, label_smoothing=t["label_smoothing"]) / accum
         loss.backward()
-      torch.nn.utils.clip_grad_norm_(model.parameters(), s.clip_grad)
+      torch.nn.utils.clip_grad_norm_(model.parameters(), t["clip_grad"])
       opt.step()
       opt.zero_grad(set_to_none=True)
       sync()
     return call
 
   out = {}
-  times, busy = _time_calls(step_fn(model), opts.warmup, opts.iters)
+  times, busy = _time_calls(step_fn(model), t["warmup"], t["iters"])
   out["eager"] = dict(_rates(times, batch), cores_busy=busy)
-  if opts.timm_compile:
+  if t["compile"]:
     call = step_fn(torch.compile(model))
     start = time.perf_counter()
     call()  # compiles (forward, and the backward for a train step) and runs once
     first_s = time.perf_counter() - start
-    times, busy = _time_calls(call, max(opts.warmup - 1, 0), opts.iters)
+    times, busy = _time_calls(call, max(t["warmup"] - 1, 0), t["iters"])
     out["compiled"] = dict(_rates(times, batch), cores_busy=busy, first_call_s=first_s,
                            compile_s=max(first_s - statistics.median(times), 0.0),
                            inductor_cache=os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
@@ -492,6 +515,33 @@ def run_timm(opts: Options, config, num_classes: int, threads: int, platform: st
              device=str(device), threads=torch.get_num_threads(),
              params=int(sum(p.numel() for p in model.parameters())))
   return out
+
+
+def run_timm(opts: Options, config, num_classes: int, threads: int, platform: str) -> dict:
+  """The PyTorch reference in this process, or in --torch_python's (which inherits this
+  process's cores and inductor cache; JAX sits idle meanwhile)."""
+  settings = timm_settings(opts, config, num_classes, threads, platform)
+  if not opts.torch_python:
+    return timm_reference(settings)
+  done = subprocess.run([opts.torch_python, "-m", "swinv2_jax.benchmark", TIMM_REFERENCE_ARG],
+                        input=json.dumps(settings), capture_output=True, text=True,
+                        env=_torch_python_env())
+  if done.returncode == errors.EXIT_USER_ERROR:
+    raise BenchmarkError(done.stderr.strip().splitlines()[-1].removeprefix("error: "))
+  if done.returncode:
+    raise RuntimeError(f"--torch_python={opts.torch_python} failed (status {done.returncode}):"
+                       f"\n{done.stderr[-3000:]}")
+  return json.loads(done.stdout)
+
+
+def timm_reference_main() -> None:
+  """`--timm_reference`: settings as JSON on stdin, figures as JSON on stdout."""
+  try:
+    result = timm_reference(json.load(sys.stdin))
+  except BenchmarkError as e:
+    errors.report(e)
+    sys.exit(errors.EXIT_USER_ERROR)
+  print(json.dumps(result))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -573,7 +623,7 @@ def benchmark(opts: Options) -> dict:
   if opts.compare == "timm":
     if opts.timm_compile:
       _fresh_inductor_cache()
-    _import_torch()  # before compiling anything: say at once when it cannot run
+    _check_torch(opts)  # before compiling anything: say at once when it cannot run
   if opts.fake_devices:
     from swinv2_jax import plan  # pylint: disable=g-import-not-at-top
     devices = plan.use_fake_cpu_devices(opts.fake_devices)
@@ -634,6 +684,8 @@ def benchmark(opts: Options) -> dict:
 
 
 def main(argv):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise BenchmarkError(f"unexpected arguments {argv[1:]} (see --help)")
   if not flags.FLAGS["verbosity"].present:  # absl's app logs INFO; keep stderr for problems
@@ -658,5 +710,9 @@ def run_main(argv):
 
 
 if __name__ == "__main__":
-  _define_flags()
-  app.run(run_main)
+  if sys.argv[1:] == [TIMM_REFERENCE_ARG]:
+    timm_reference_main()
+  else:
+    from absl import app  # pylint: disable=g-import-not-at-top
+    _define_flags()
+    app.run(run_main)

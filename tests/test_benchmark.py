@@ -99,18 +99,24 @@ def test_train_zero3_on_two_fake_devices():
   assert m["params"] < 4 * out["params"]
 
 
-def test_compare_timm_or_its_one_line_refusal():
+def _imports_torch_and_timm(python: str) -> bool:
   # Installed is not enough: timm's import can fail inside a mismatched torchvision.
+  return subprocess.run([python, "-c", "import torch, timm"], capture_output=True).returncode == 0
+
+
+def _check_comparison(out: dict):
+  ref = out["compare"]["timm"]
+  assert ref["params"] == out["params"]  # the same architecture on both sides
+  assert ref["eager"]["images_per_s"] > 0 and "compiled" not in ref
+  assert out["compare"]["ratio"]["eager"] == pytest.approx(
+      out["images_per_s"] / ref["eager"]["images_per_s"])
+
+
+def test_compare_timm_or_its_one_line_refusal():
   importable = all(importlib.util.find_spec(name) for name in ("torch", "timm")) and (
-      subprocess.run([sys.executable, "-c", "import torch, timm"],
-                     capture_output=True).returncode == 0)
+      _imports_torch_and_timm(sys.executable))
   if importable:
-    out = _json("--mode=forward", "--compare=timm", "--notimm_compile")
-    ref = out["compare"]["timm"]
-    assert ref["params"] == out["params"]  # the same architecture on both sides
-    assert ref["eager"]["images_per_s"] > 0 and "compiled" not in ref
-    assert out["compare"]["ratio"]["eager"] == pytest.approx(
-        out["images_per_s"] / ref["eager"]["images_per_s"])
+    _check_comparison(_json("--mode=forward", "--compare=timm", "--notimm_compile"))
   else:
     result = _run("--compare=timm")
     assert result.returncode != 0 and result.stdout == ""
@@ -118,8 +124,24 @@ def test_compare_timm_or_its_one_line_refusal():
     assert len(lines) == 1 and lines[0].startswith("error: --compare=timm needs torch and timm")
 
 
+def test_compare_timm_in_another_python():
+  """--torch_python runs the PyTorch side in its own interpreter: $SWINV2_TORCH_PYTHON (a venv
+  with torch and timm) where set, else this one, which is refused in one line without them."""
+  python = os.environ.get("SWINV2_TORCH_PYTHON", sys.executable)
+  if _imports_torch_and_timm(python):
+    _check_comparison(_json("--mode=train", "--compare=timm", "--notimm_compile",
+                            f"--torch_python={python}"))
+  else:
+    result = _run("--compare=timm", f"--torch_python={python}")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: --torch_python={python}: cannot import torch and timm")
+
+
 def test_bad_options_are_one_line():
-  for args, text in ((["--attention_impl=flash"], "only 'xla'"),
+  for args, text in ((["--attention_impl=flash"], "one of xla, cudnn, auto"),
+                     (["--attention_impl=cudnn", "--dtype=bfloat16"], "needs a CUDA GPU"),
+                     (["--torch_python=python3"], "add it"),
                      (["--mode=train", "--accum_steps=3"], "not a multiple"),
                      (["--mesh=data"], "axis=size")):
     result = _run(*args)

@@ -35,7 +35,7 @@ def run(model, x):
 
 
 @functools.lru_cache(maxsize=None)
-def outputs(name: str, layout: str = "timm"):
+def outputs(name: str, layout: str = "timm", attention_impl: str = "xla"):
   """Our float32 outputs for a fixture; models from a SimMIM state get the timm-loaded head
   (drop_head keeps it) so the compiled program is shared."""
   with jax.default_matmul_precision("highest"):
@@ -43,24 +43,31 @@ def outputs(name: str, layout: str = "timm"):
       model = loaded(name, "timm")
       weights.load_pytorch_weights(model, {"model": state(name, "simmim")}, drop_head=True)
     else:
-      model = loaded(name, layout)
+      model = loaded(name, layout, attention_impl=attention_impl)
     logits, pooled, maps = run(model, fixture(name)["input_nhwc"])
   return np.asarray(logits), np.asarray(pooled), [np.asarray(m) for m in maps]
 
 
+# 'xla': every window through the einsums; 'auto' on CPU: unshifted windows through
+# jax.nn.dot_product_attention(implementation='xla'), the call 'cudnn' makes on a GPU.
+ATTENTION_IMPLS = ("xla", "auto")
+
+
+@pytest.mark.parametrize("attention_impl", ATTENTION_IMPLS)
 @pytest.mark.parametrize("name", FIXTURES)
-def test_logits_match_timm(name, record_property):
-  logits, pooled, _ = outputs(name)
+def test_logits_match_timm(name, attention_impl, record_property):
+  logits, pooled, _ = outputs(name, attention_impl=attention_impl)
   diff = float(np.abs(logits - fixture(name)["logits"]).max())
   record_property("max_abs_logit_diff", diff)
-  print(f"{name}: max |logit diff| {diff:.3g}")
+  print(f"{name} ({attention_impl}): max |logit diff| {diff:.3g}")
   assert diff <= LOGIT_TOL
   assert float(np.abs(pooled - fixture(name)["pooled"]).max()) <= POOLED_TOL
 
 
+@pytest.mark.parametrize("attention_impl", ATTENTION_IMPLS)
 @pytest.mark.parametrize("name", FIXTURES)
-def test_level_features_match_timm(name):
-  _, _, maps = outputs(name)
+def test_level_features_match_timm(name, attention_impl):
+  _, _, maps = outputs(name, attention_impl=attention_impl)
   for i, ours in enumerate(maps):
     ref = fixture(name)[f"features_{i}"]
     assert ours.shape == ref.shape, (i, ours.shape, ref.shape)

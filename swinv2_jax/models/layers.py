@@ -28,6 +28,11 @@ dense_init = nnx.initializers.truncated_normal(stddev=0.02, lower=-100.0, upper=
 # logit_scale is clamped at log(1/0.01) with a Python float (a tensor clamp broke graph compilers).
 MAX_LOGIT_SCALE = math.log(1.0 / 0.01)
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm default, for parity with the official weights
+# model.attention_impl: 'xla' runs every window through the einsums of `WindowAttention`;
+# 'cudnn' and 'auto' send the windows of unshifted blocks through jax.nn.dot_product_attention
+# ('cudnn': cuDNN's flash attention or an error; 'auto': cuDNN where it takes the shapes, else
+# the same call compiled by XLA). Shifted blocks always take the einsums (see `_attend`).
+ATTENTION_IMPLS = ("xla", "cudnn", "auto")
 # Conv kernels: torch.nn.Conv2d's default, kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)).
 conv_kernel_init = jax.nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
@@ -116,10 +121,61 @@ class ContinuousPositionBias(nnx.Module):
     return 16.0 * jax.nn.sigmoid(bias.transpose(2, 0, 1))  # (heads, N, N)
 
 
-def _l2_normalize(x, eps=1e-12):
-  # F.normalize: x / max(||x||, eps).
-  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
-  return x / jnp.maximum(norm, eps)
+@jax.custom_vjp
+def softmax(logits):
+  """Softmax over the last axis, normalised by one reciprocal per row. As a custom VJP that
+  keeps only the probabilities for the backward pass, it spares XLA's CPU backend the full-size
+  broadcast of the denominator that jax.nn.softmax's division leaves in the train step (about
+  10% of a window attention's forward and backward time)."""
+  unnormalised = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
+  return unnormalised * (1.0 / unnormalised.sum(-1, keepdims=True))
+
+
+def _softmax_fwd(logits):
+  probs = softmax(logits)
+  return probs, probs
+
+
+def _softmax_bwd(probs, grad):
+  return (probs * (grad - (grad * probs).sum(-1, keepdims=True)),)
+
+
+softmax.defvjp(_softmax_fwd, _softmax_bwd)
+
+
+def fused_attention_implementation(attention_impl: str, dtype: Dtype, head_dim: int,
+                                   window: Pair) -> str | None:
+  """The `implementation` of jax.nn.dot_product_attention for a block's unshifted windows, or
+  None where the einsums run. Raises a ValueError naming the setting when 'cudnn' cannot run."""
+  if attention_impl not in ATTENTION_IMPLS:
+    raise ValueError(f"attention_impl={attention_impl!r}: one of {', '.join(ATTENTION_IMPLS)}")
+  if attention_impl == "xla":
+    return None
+  device = jax.devices()[0]
+  problem = None
+  if device.platform != "gpu" or "cuda" not in device.client.platform_version.lower():
+    problem = f"needs a CUDA GPU, and this backend is {device.platform}"
+  elif jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+    problem = f"takes bfloat16 compute (cuDNN flash attention has no {jnp.dtype(dtype).name})"
+  elif head_dim % 8 or head_dim > 128:
+    problem = f"needs a head dim that is a multiple of 8 up to 128, got {head_dim}"
+  elif (window[0] * window[1]) % 2:
+    # cuDNN's bias gradient needs an even sequence length.
+    problem = (f"needs an even number of tokens per window, and a {window[0]}x{window[1]} "
+               "window has an odd number")
+  if problem is None:
+    return "cudnn"
+  if attention_impl == "cudnn":
+    raise ValueError(f"attention_impl='cudnn' {problem}; use 'auto', which takes cuDNN where "
+                     "it can")
+  return "xla"
+
+
+def _l2_normalize(x, scale=1.0, eps=1e-12):
+  """scale * F.normalize(x), i.e. scale * x / max(||x||, eps), as x times one reciprocal square
+  root per vector: a division per element costs several multiplications on a CPU."""
+  sum_sq = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
+  return x * (scale * jax.lax.rsqrt(jnp.maximum(sum_sq, eps * eps)))
 
 
 class WindowAttention(nnx.Module):
@@ -127,18 +183,23 @@ class WindowAttention(nnx.Module):
 
   `chunks` > 1 is the paper's sequential self-attention (section 3.5): the windows are
   processed in `chunks` pieces one after another (each rematerialised in the backward pass),
-  so only one piece's (heads, N, N) logits are alive at a time.
+  so only one piece's (heads, N, N) logits are alive at a time. `implementation` ('xla' or
+  'cudnn', from `fused_attention_implementation`) sends unshifted windows through
+  jax.nn.dot_product_attention; None keeps the einsums.
   """
 
   def __init__(self, dim: int, num_heads: int, window: Pair, pretrained_window: Pair, *,
-               chunks: int = 1, dtype: Dtype, rngs: nnx.Rngs):
+               chunks: int = 1, implementation: str | None = None, dtype: Dtype,
+               rngs: nnx.Rngs):
     if dim % num_heads:
       raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
     self.num_heads = num_heads
     self.chunks = chunks
+    self.implementation = implementation
     self.dtype = dtype
     self.qkv = dense(dim, 3 * dim, use_bias=False, dtype=dtype, rngs=rngs)
-    # Query and value biases are parameters; the key bias is a constant zero (official code).
+    # One qkv kernel as the official code (its products are taken apart in `_attend`); query
+    # and value biases are parameters, the key bias is a constant zero (official code).
     self.q_bias = nnx.Param(jnp.zeros(dim))
     self.v_bias = nnx.Param(jnp.zeros(dim))
     self.logit_scale = nnx.Param(jnp.full((num_heads, 1, 1), math.log(10.0)))
@@ -149,27 +210,46 @@ class WindowAttention(nnx.Module):
     """x: (b, nW, N, C) windows; regions: (nW, N) shift-region ids or None (no shift)."""
     b, nw, n, c = x.shape
     heads = self.num_heads
-    qkv_bias = jnp.concatenate(
-        [self.q_bias[...], jnp.zeros_like(self.v_bias[...]), self.v_bias[...]])
-    qkv = self.qkv(x) + qkv_bias.astype(self.dtype)
-    qkv = qkv.reshape(b, nw, n, 3, heads, c // heads)
-    q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]  # (b, nW, N, h, d)
-    q = _l2_normalize(q.astype(jnp.float32)).astype(self.dtype)
+    # q, k and v as three products with slices of the one qkv kernel (the official layout):
+    # each comes out contiguous with its bias added in the product's epilogue, where slicing
+    # one (tokens, 3C) product costs a copy per slice in the forward and a concatenation in
+    # the backward (about 15% of a window attention's time on a CPU).
+    kernel = self.qkv.kernel[...].astype(self.dtype)
+    x = x.astype(self.dtype)
+    q = x @ kernel[:, :c] + self.q_bias[...].astype(self.dtype)
+    k = x @ kernel[:, c:2 * c]  # no key bias (official code)
+    v = x @ kernel[:, 2 * c:] + self.v_bias[...].astype(self.dtype)
+    q, k, v = (t.reshape(b, nw, n, heads, c // heads) for t in (q, k, v))  # (b, nW, N, h, d)
+    # The logit scale folded into q: (s q) . k = s (q . k), the official logits up to rounding,
+    # with the scale applied to N x d queries instead of N x N logits (forward and backward).
+    scale = jnp.exp(jnp.minimum(self.logit_scale[...], MAX_LOGIT_SCALE)).reshape(heads, 1)
+    q = _l2_normalize(q.astype(jnp.float32), scale).astype(self.dtype)
     k = _l2_normalize(k.astype(jnp.float32)).astype(self.dtype)
-    # Cosine similarities accumulate in float32: at a logit scale of up to 100, bf16 logits
-    # would be quantised to steps of 0.5.
+    if regions is None and self.implementation is not None:
+      # The shift mask never gets here: the official code adds -100, not -inf, and with a
+      # logit scale near its clamp of 100 cosine logits span +-100, so a masked entry can keep
+      # weight where a boolean mask would give it none.
+      bias = position_bias[None]  # (1, h, N, N): the bias whose gradient cuDNN computes
+      if self.implementation == "cudnn":
+        bias = bias.astype(self.dtype)  # cuDNN takes the bias in the input dtype
+      windows = lambda t: t.reshape(b * nw, n, heads, c // heads)
+      out = jax.nn.dot_product_attention(windows(q), windows(k), windows(v), bias=bias,
+                                         scale=1.0, implementation=self.implementation)
+      return self.proj(out.reshape(b, nw, n, c))
+    # Logits accumulate in float32: at a logit scale of up to 100, bf16 logits would be
+    # quantised to steps of 0.5.
     logits = jnp.einsum("bwnhd,bwmhd->bwhnm", q, k, preferred_element_type=jnp.float32)
-    scale = jnp.exp(jnp.minimum(self.logit_scale[...], MAX_LOGIT_SCALE))
-    logits = logits * scale + position_bias
+    logits = logits + position_bias
     if regions is not None:
       logits = logits + win.shift_attention_mask(regions)[:, None]
-    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    probs = softmax(logits).astype(self.dtype)
     out = jnp.einsum("bwhnm,bwmhd->bwnhd", probs, v)
     return self.proj(out.reshape(b, nw, n, c))
 
   def __call__(self, x, regions: np.ndarray | None):
     position_bias = self.cpb_mlp()
-    if self.chunks == 1:
+    # cuDNN's flash attention keeps no (N, N) logits, so its windows need no pieces.
+    if self.chunks == 1 or (regions is None and self.implementation == "cudnn"):
       return self._attend(x, regions, position_bias)
     b, nw, n, c = x.shape
     per = nw // self.chunks
@@ -185,13 +265,20 @@ class WindowAttention(nnx.Module):
     return out.swapaxes(0, 1).reshape(b, nw, n, c)
 
 
+def gelu(x):
+  """Exact GELU, x * (1 + erf(x / sqrt 2)) / 2, in this form as torch computes it. XLA's erf is
+  one rational polynomial; jax.nn.gelu(approximate=False) goes through erfc, which on a CPU
+  costs an exp and a division more per element (about a third of the MLP's elementwise time)."""
+  return x * (0.5 + 0.5 * jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
+
+
 class Mlp(nnx.Module):
   def __init__(self, dim: int, hidden: int, *, dtype: Dtype, rngs: nnx.Rngs):
     self.fc1 = dense(dim, hidden, dtype=dtype, rngs=rngs)
     self.fc2 = dense(hidden, dim, dtype=dtype, rngs=rngs)
 
   def __call__(self, x):
-    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))  # exact GELU, as torch
+    return self.fc2(gelu(self.fc1(x)))
 
 
 class SwinV2Block(nnx.Module):
@@ -199,7 +286,7 @@ class SwinV2Block(nnx.Module):
 
   def __init__(self, dim: int, num_heads: int, feat_size: Pair, window: Pair, shift: Pair,
                pretrained_window: Pair, *, mlp_ratio: float = 4.0, attention_chunks: int = 1,
-               dtype: Dtype, rngs: nnx.Rngs):
+               attention_impl: str = "xla", dtype: Dtype, rngs: nnx.Rngs):
     self.feat_size = feat_size
     self.window, self.shift = win.clamp_window(feat_size, window, shift)
     num_windows = (feat_size[0] // self.window[0]) * (feat_size[1] // self.window[1])
@@ -210,8 +297,12 @@ class SwinV2Block(nnx.Module):
       raise ValueError(
           f"attention_chunks={attention_chunks} must divide the {num_windows} windows of a "
           f"{feat_size[0]}x{feat_size[1]} feature map with window {self.window}")
+    # Only unshifted windows take the fused call (WindowAttention._attend says why).
+    implementation = None if any(self.shift) else fused_attention_implementation(
+        attention_impl, dtype, dim // num_heads, self.window)
     self.attn = WindowAttention(dim, num_heads, self.window, pretrained_window,
-                                chunks=attention_chunks, dtype=dtype, rngs=rngs)
+                                chunks=attention_chunks, implementation=implementation,
+                                dtype=dtype, rngs=rngs)
     self.norm1 = LayerNorm(dim, dtype=dtype, zero_init=True)
     self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
     self.norm2 = LayerNorm(dim, dtype=dtype, zero_init=True)

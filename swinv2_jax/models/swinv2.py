@@ -33,6 +33,12 @@ REMAT_POLICIES = {
 }
 
 
+# Levels of at most this many block groups are unrolled instead of scanned: for so few
+# iterations the scan's stacking of the residuals and slicing of the parameters costs more
+# step time than the compile time it saves (docs/memory_plan.md, "CPU speed").
+UNROLLED_GROUPS = 3
+
+
 def per_level(value, num_levels: int, name: str) -> list:
   """Broadcasts a scalar setting to every level, or checks a per-level sequence's length."""
   if isinstance(value, (str, int, float, np.integer)):
@@ -88,7 +94,8 @@ class SwinV2Level(nnx.Module):
   def __init__(self, dim: int, depth: int, num_heads: int, feat_size: win.Pair,
                window: win.Pair, pretrained_window: win.Pair, *, drop_path_rates: Sequence[float],
                downsample: bool, extra_norm_period: int, mlp_ratio: float,
-               attention_chunks: int, remat: str, dtype: Dtype, rngs: nnx.Rngs):
+               attention_chunks: int, attention_impl: str, remat: str, dtype: Dtype,
+               rngs: nnx.Rngs):
     if remat not in REMAT_POLICIES:
       raise ValueError(f"unknown remat policy {remat!r}; choose from {sorted(REMAT_POLICIES)}")
     self.remat = remat
@@ -98,7 +105,8 @@ class SwinV2Level(nnx.Module):
     tail_size = depth - num_groups * group_size
     group_kwargs = dict(dim=dim, num_heads=num_heads, feat_size=feat_size, window=window,
                         pretrained_window=pretrained_window, mlp_ratio=mlp_ratio,
-                        attention_chunks=attention_chunks, dtype=dtype)
+                        attention_chunks=attention_chunks, attention_impl=attention_impl,
+                        dtype=dtype)
     # Static tuples (not arrays) so they stay out of the state pytree.
     rates = [float(r) for r in drop_path_rates]
     self.num_groups, self.blocks_per_group = num_groups, group_size
@@ -125,7 +133,8 @@ class SwinV2Level(nnx.Module):
         return nnx.merge(graphdef, _gathered(group_state))(carry, rates, group_key), None
 
       x, _ = jax.lax.scan(_checkpointed(group_step, self.remat), x,
-                          (state, jnp.asarray(self.group_drop_rates, jnp.float32), keys))
+                          (state, jnp.asarray(self.group_drop_rates, jnp.float32), keys),
+                          unroll=self.num_groups <= UNROLLED_GROUPS)
     if self.tail is not None:
       graphdef, state = nnx.split(self.tail)
       tail_rates = jnp.asarray(self.tail_drop_rates, jnp.float32)
@@ -143,6 +152,8 @@ class SwinTransformerV2(nnx.Module):
   Per-level settings (`window_size`, `pretrained_window_sizes`, `attention_chunks`, `remat`)
   take one value for all levels or one per level; a window may be an int or an (h, w) pair.
   `pretrained_window_sizes` of 0 means "normalise the position table by this window".
+  `attention_impl` ('xla', 'cudnn', 'auto'; layers.ATTENTION_IMPLS) picks the attention of
+  unshifted blocks.
   """
 
   def __init__(self, *, img_size: int | Sequence[int] = 256, patch_size: int = 4,
@@ -150,7 +161,8 @@ class SwinTransformerV2(nnx.Module):
                depths: Sequence[int] = (2, 2, 6, 2), num_heads: Sequence[int] = (3, 6, 12, 24),
                window_size=8, pretrained_window_sizes=0, mlp_ratio: float = 4.0,
                drop_path_rate: float = 0.1, extra_norm_period: int = 0, attention_chunks=1,
-               remat="none", dtype: Dtype = jnp.float32, rngs: nnx.Rngs | int = 0):
+               attention_impl: str = "xla", remat="none", dtype: Dtype = jnp.float32,
+               rngs: nnx.Rngs | int = 0):
     if isinstance(rngs, int):
       rngs = nnx.Rngs(params=rngs)
     if len(depths) != len(num_heads):
@@ -184,7 +196,8 @@ class SwinTransformerV2(nnx.Module):
           embed_dim * 2**i, depth, num_heads[i], feat_sizes[i], windows[i], pretrained[i],
           drop_path_rates=rates[start:start + depth], downsample=i < num_levels - 1,
           extra_norm_period=extra_norm_period, mlp_ratio=mlp_ratio,
-          attention_chunks=int(chunks[i]), remat=str(remats[i]), dtype=dtype, rngs=rngs))
+          attention_chunks=int(chunks[i]), attention_impl=attention_impl, remat=str(remats[i]),
+          dtype=dtype, rngs=rngs))
     self.levels = nnx.List(levels)
     self.num_features = embed_dim * 2**(num_levels - 1)
     self.norm = layers.LayerNorm(self.num_features, dtype=dtype)

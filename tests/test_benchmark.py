@@ -71,6 +71,8 @@ def test_forward_figures_and_mfu_against_a_given_peak():
   out = _json("--mode=forward", "--peak_tflops=2.5")
   s, m = _check_figures(out, "forward")
   assert out["peak_tflops"] == 2.5 and out["peak_source"] == "--peak_tflops"
+  # Re-executed with glibc's huge-page tunable wherever glibc and the kernel can use it.
+  assert s["huge_pages"] == (benchmark.huge_pages_on() or benchmark._huge_pages_possible())
   assert out["mfu"] == pytest.approx(out["tflops"] / 2.5)
   assert m["opt_state"] == 0 and m["params"] == 4 * out["params"]  # float32, one device
   assert s["mesh"] == {"data": 1} and s["num_devices"] == 1
@@ -85,8 +87,9 @@ def test_train_figures_and_no_mfu_on_cpu():
 
 
 def test_simmim_figures():
-  out = _json("--mode=simmim")
+  out = _json("--mode=simmim", "--nohuge_pages")
   _check_figures(out, "simmim")
+  assert out["settings"]["huge_pages"] == benchmark.huge_pages_on()  # as this process was
   assert out["settings"]["num_classes"] == 0
 
 

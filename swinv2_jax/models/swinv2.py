@@ -34,8 +34,8 @@ REMAT_POLICIES = {
 
 
 # Levels of at most this many block groups are unrolled instead of scanned: for so few
-# iterations the scan's stacking of the residuals and slicing of the parameters costs more
-# step time than the compile time it saves (docs/memory_plan.md, "CPU speed").
+# iterations the scan's stacking of residuals and slicing of parameters costs more step time
+# (SwinV2-T train step on a CPU: 5-10%) than the compile time it saves (README, "Benchmarks").
 UNROLLED_GROUPS = 3
 
 
@@ -81,11 +81,12 @@ def _gathered(params):
   return jax.lax.with_sharding_constraint(params, jax.sharding.PartitionSpec())
 
 
-def _checkpointed(fn, remat: str):
+def _checkpointed(fn, remat: str, in_scan: bool = False):
   policy = REMAT_POLICIES[remat]
   if remat == "none":
     return fn
-  return jax.checkpoint(fn, policy=policy, prevent_cse=False)
+  # Inside a scan the loop already keeps XLA from merging the recomputation with the forward.
+  return jax.checkpoint(fn, policy=policy, prevent_cse=not in_scan)
 
 
 class SwinV2Level(nnx.Module):
@@ -132,9 +133,18 @@ class SwinV2Level(nnx.Module):
         group_state, rates, group_key = xs
         return nnx.merge(graphdef, _gathered(group_state))(carry, rates, group_key), None
 
-      x, _ = jax.lax.scan(_checkpointed(group_step, self.remat), x,
-                          (state, jnp.asarray(self.group_drop_rates, jnp.float32), keys),
-                          unroll=self.num_groups <= UNROLLED_GROUPS)
+      rates = jnp.asarray(self.group_drop_rates, jnp.float32)
+      if self.num_groups <= UNROLLED_GROUPS:
+        # A Python loop, not scan(unroll=True): that still leaves a one-trip while loop, out
+        # of which XLA hoists every broadcast constant as a full-size buffer (the GELU's
+        # halves: 2 x 50 MiB read per MLP at the first level, which made its forward twice
+        # as slow on a CPU).
+        step = _checkpointed(group_step, self.remat)
+        for g in range(self.num_groups):
+          x, _ = step(x, jax.tree.map(lambda a: a[g], (state, rates, keys)))
+      else:
+        x, _ = jax.lax.scan(_checkpointed(group_step, self.remat, in_scan=True), x,
+                            (state, rates, keys))
     if self.tail is not None:
       graphdef, state = nnx.split(self.tail)
       tail_rates = jnp.asarray(self.tail_drop_rates, jnp.float32)

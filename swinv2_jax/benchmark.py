@@ -29,7 +29,7 @@ n/a unless `--peak_tflops` is given.
 `--threads=N` pins the process to N cores (sched_setaffinity) before JAX starts, so that XLA
 sizes its CPU thread pools to N; PyTorch gets `torch.set_num_threads(N)` as well. Unless
 `--nohuge_pages`, the process first re-executes itself with glibc's huge-page tunable
-(HUGE_PAGES_TUNABLE), which PyTorch inherits.
+(swinv2_jax/hugepages.py, as `main` does), which PyTorch inherits.
 
 `--compare=timm` (torch and timm are optional; without them it says so in one line and exits
 with status 2) runs timm's model of the same name, pretrained=False, at the same sizes, batch,
@@ -58,6 +58,7 @@ import tempfile
 import time
 
 from swinv2_jax import errors  # stdlib only: nothing here may start JAX before main() runs
+from swinv2_jax import hugepages  # stdlib only, as errors
 from swinv2_jax.accelerators import accelerator_key  # stdlib only, as errors
 
 MODES = ("forward", "train", "simmim")
@@ -65,6 +66,7 @@ DTYPES = ("float32", "bfloat16")
 # The PyTorch side as its own process: `PYTHON -m swinv2_jax.benchmark --timm_reference` reads
 # the settings as JSON on stdin and writes its figures as JSON on stdout (torch, timm, stdlib).
 TIMM_REFERENCE_ARG = "--timm_reference"
+
 
 @dataclasses.dataclass
 class Options:
@@ -193,39 +195,6 @@ def check_options(opts: Options):
   if opts.torch_python and opts.compare != "timm":
     raise BenchmarkError("--torch_python: runs the PyTorch side of --compare=timm; add it")
   parse_mesh(opts.mesh)
-
-
-# XLA's CPU runtime allocates a step's outputs and temporaries afresh every call; each large
-# allocation is a new mmap, and with 4 KiB pages the kernel's page faults and zeroing took 17%
-# of a SwinV2-T train step (0.9 of 5.4 CPU-seconds, 500k faults a step). glibc's malloc.hugetlb
-# tunable asks for transparent huge pages on those mappings: 512 times fewer faults.
-HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
-
-
-def huge_pages_on() -> bool:
-  return HUGE_PAGES_TUNABLE in os.environ.get("GLIBC_TUNABLES", "").split(":")
-
-
-def _huge_pages_possible() -> bool:
-  """glibc (which reads the tunable) and transparent huge pages not switched off."""
-  try:
-    with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-      thp = f.read()
-  except OSError:
-    return False
-  glibc = hasattr(os, "confstr") and (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
-  return glibc and "[never]" not in thp
-
-
-def _reexec_with_huge_pages() -> None:
-  """Replaces this process by the same command with HUGE_PAGES_TUNABLE added to
-  GLIBC_TUNABLES (before JAX starts; glibc reads tunables only at start-up)."""
-  env = dict(os.environ)
-  env["GLIBC_TUNABLES"] = ":".join(t for t in (env.get("GLIBC_TUNABLES"), HUGE_PAGES_TUNABLE)
-                                   if t)
-  sys.stdout.flush()
-  sys.stderr.flush()
-  os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
 def _pin_threads(threads: int) -> int:
@@ -708,7 +677,7 @@ def benchmark(opts: Options) -> dict:
       scheduler=("memory-optimised" if plan.MEMORY_SCHEDULER_FLAG in
                  os.environ.get("XLA_FLAGS", "") else "default"),
       compilation_cache=bool(jax.config.jax_compilation_cache_dir),
-      huge_pages=huge_pages_on())
+      huge_pages=hugepages.active())
   result = dict(
       settings=settings, params=raw["params"], compile_s=raw["compile_s"],
       lower_s=raw["lower_s"], **rates, cores_busy=raw["cores_busy"], flops_per_image=fpi,
@@ -733,9 +702,9 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:  # absl's app logs INFO; keep stderr for problems
     logging.set_verbosity(logging.WARNING)
   opts = options_from_flags(flags.FLAGS)
-  if opts.huge_pages and not huge_pages_on() and _huge_pages_possible():
+  if opts.huge_pages and not hugepages.active() and hugepages.possible():
     check_options(opts)  # a bad option is reported once, before the re-execution
-    _reexec_with_huge_pages()
+    hugepages.reexec()
   result = benchmark(opts)
   if opts.json:
     print(json.dumps(result))

@@ -20,7 +20,13 @@ The config keys and their values (--help / --helpfull list those of --config=FIL
 given, else the defaults of swinv2_jax.config.base_config()):
 """
 
-import difflib
+if __name__ == "__main__":
+  # Before the imports below, which are slow: glibc reads its tunables only at start-up, so
+  # the run re-executes itself once with huge pages for XLA's host buffers (hugepages.py).
+  from swinv2_jax import hugepages
+  hugepages.ensure()
+
+import difflib  # pylint: disable=g-import-not-at-top,wrong-import-position
 import importlib.util
 import os
 import re

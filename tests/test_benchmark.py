@@ -17,6 +17,7 @@ import pytest
 
 from helpers import ROOT
 from swinv2_jax import benchmark
+from swinv2_jax import hugepages
 from swinv2_jax.models import complexity
 
 TINY = dict(img_size=32, window_size=4, embed_dim=16, depths=(2, 2), num_heads=(1, 2))
@@ -72,7 +73,7 @@ def test_forward_figures_and_mfu_against_a_given_peak():
   s, m = _check_figures(out, "forward")
   assert out["peak_tflops"] == 2.5 and out["peak_source"] == "--peak_tflops"
   # Re-executed with glibc's huge-page tunable wherever glibc and the kernel can use it.
-  assert s["huge_pages"] == (benchmark.huge_pages_on() or benchmark._huge_pages_possible())
+  assert s["huge_pages"] == (hugepages.active() or hugepages.possible())
   assert out["mfu"] == pytest.approx(out["tflops"] / 2.5)
   assert m["opt_state"] == 0 and m["params"] == 4 * out["params"]  # float32, one device
   assert s["mesh"] == {"data": 1} and s["num_devices"] == 1
@@ -89,7 +90,7 @@ def test_train_figures_and_no_mfu_on_cpu():
 def test_simmim_figures():
   out = _json("--mode=simmim", "--nohuge_pages")
   _check_figures(out, "simmim")
-  assert out["settings"]["huge_pages"] == benchmark.huge_pages_on()  # as this process was
+  assert out["settings"]["huge_pages"] == hugepages.active()  # as this process was
   assert out["settings"]["num_classes"] == 0
 
 

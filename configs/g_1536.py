@@ -55,9 +55,9 @@ def get_config(arg: str = ""):
   c.eval.batch_size = 64
 
   # The smallest mesh on which the 1536 fine-tune fits 40 GiB (docs/memory_plan.md), with
-  # gradient accumulation up to the recipe's global batches. Pretraining: 'auto' picks 12 x 96
-  # images per device (35.2 GiB in the CPU plan). Fine-tuning: 576 = 72 x 1 x 8 (23.6 GiB);
-  # 'auto' would pick 36 x 2 (36.9 GiB), too close to 40 for a GPU runtime's own workspace.
+  # gradient accumulation up to the recipe's global batches. Pretraining: 'auto' picks 16 x 72
+  # images per device (37.1 GiB in the CPU plan). Fine-tuning: 576 = 72 x 1 x 8 (30.9 GiB; a
+  # microbatch of 2 needs 48.3).
   c.mesh.zero = 3
   p.accum_steps = "auto"
   f.accum_steps = 72

@@ -15,8 +15,9 @@ import pytest
 from helpers import ROOT
 
 # Two stages of the tiny G structure: every weight matrix is big enough to be sharded. Remat
-# wraps one scanned group of two blocks and saves memory across groups: stage 2 has four
-# (as G's stage 3 has seven); measured 245 vs 311 MiB of temporaries.
+# wraps one scanned group of six blocks (G's extra-norm period) and saves memory across groups:
+# level 2 has two and a tail of two (as G's level 3 has seven groups). Without remat its two
+# groups are unrolled (swinv2.UNROLLED_GROUPS), which keeps fewer copies than a scan would.
 _SCRIPT = textwrap.dedent("""
     import json, sys
     from swinv2_jax import plan
@@ -25,7 +26,7 @@ _SCRIPT = textwrap.dedent("""
 
     def config(remat):
       c = load_config("g_1536.py", "tiny")
-      c.model.depths, c.model.num_heads, c.model.embed_dim = (2, 8), (4, 8), 128
+      c.model.depths, c.model.num_heads, c.model.embed_dim = (2, 12), (4, 8), 128
       c.model.remat, c.model.attention_chunks = remat, (4, 2)
       c.finetune.img_size, c.finetune.window_size, c.finetune.pretrained_window_sizes = 256, 8, 4
       c.finetune.batch_size, c.finetune.accum_steps = 8, 1

@@ -33,17 +33,23 @@ REMAT_POLICIES = {
 }
 
 
-# Levels of at most this many block groups are unrolled instead of scanned: for so few
-# iterations the scan's stacking of residuals and slicing of parameters costs more step time
-# (SwinV2-T train step on a CPU: 5-10%) than the compile time it saves (README, "Benchmarks").
+# Levels of at most this many block groups, without remat, are unrolled instead of scanned:
+# for so few iterations the scan's stacking of residuals and slicing of parameters costs more
+# step time (SwinV2-T train step, batch 8, on a CPU: 2.83 s looped, 2.06 s unrolled) than the
+# compile time it saves (docs/performance.md). With remat the loop stays: unrolled, the
+# compiled step held far more activations (G-1536 fine-tune: 39-43 GiB per device unrolled,
+# 31 looped).
 UNROLLED_GROUPS = 3
 
 
 def per_level(value, num_levels: int, name: str) -> list:
-  """Broadcasts a scalar setting to every level, or checks a per-level sequence's length."""
+  """Broadcasts a scalar setting (or a sequence of one, as a command-line override of a tuple
+  setting gives) to every level, or checks a per-level sequence's length."""
   if isinstance(value, (str, int, float, np.integer)):
     return [value] * num_levels
   value = list(value)
+  if len(value) == 1:
+    return value * num_levels
   if len(value) != num_levels:
     raise ValueError(f"{name} needs one value per level ({num_levels}), got {value}")
   return value
@@ -133,18 +139,10 @@ class SwinV2Level(nnx.Module):
         group_state, rates, group_key = xs
         return nnx.merge(graphdef, _gathered(group_state))(carry, rates, group_key), None
 
-      rates = jnp.asarray(self.group_drop_rates, jnp.float32)
-      if self.num_groups <= UNROLLED_GROUPS:
-        # A Python loop, not scan(unroll=True): that still leaves a one-trip while loop, out
-        # of which XLA hoists every broadcast constant as a full-size buffer (the GELU's
-        # halves: 2 x 50 MiB read per MLP at the first level, which made its forward twice
-        # as slow on a CPU).
-        step = _checkpointed(group_step, self.remat)
-        for g in range(self.num_groups):
-          x, _ = step(x, jax.tree.map(lambda a: a[g], (state, rates, keys)))
-      else:
-        x, _ = jax.lax.scan(_checkpointed(group_step, self.remat, in_scan=True), x,
-                            (state, rates, keys))
+      unroll = self.num_groups <= UNROLLED_GROUPS and self.remat == "none"
+      x, _ = jax.lax.scan(_checkpointed(group_step, self.remat, in_scan=True), x,
+                          (state, jnp.asarray(self.group_drop_rates, jnp.float32), keys),
+                          unroll=unroll)
     if self.tail is not None:
       graphdef, state = nnx.split(self.tail)
       tail_rates = jnp.asarray(self.tail_drop_rates, jnp.float32)

@@ -236,7 +236,11 @@ def _check_keys(config, reference, prefix="", root=None):
 
 
 def _per_level(key, value, num_levels, kind, allowed=None):
+  """One value for every level (also a sequence of one, as --config.model.remat=full gives
+  for a tuple setting), or one per level."""
   values = [value] * num_levels if isinstance(value, kind) else list(value)
+  if len(values) == 1:
+    values = values * num_levels
   if len(values) != num_levels or not all(isinstance(v, kind) for v in values):
     _fail(key, f"one {kind.__name__} or one per model level ({num_levels}), got {value!r}")
   if allowed is not None:
@@ -299,8 +303,9 @@ def _check_model(config) -> None:
   if not isinstance(period, int) or period < 0 or period % 2:
     _fail("model.extra_norm_period", f"must be an even int >= 0 (0 disables), got {period!r}")
   num_levels = len(depths)
-  chunks = ([m.attention_chunks] * num_levels if isinstance(m.attention_chunks, int)
-            else list(m.attention_chunks))
+  chunks = _per_level("model.attention_chunks", m.attention_chunks, num_levels, int)
+  if min(chunks) < 1:
+    _fail("model.attention_chunks", f"pieces must be >= 1, got {min(chunks)}")
   for stage in TRAINING_STAGES:
     s = config[stage]
     feats = win.level_feature_sizes(win.to_pair(s.img_size), m.patch_size, num_levels)
@@ -340,9 +345,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_model(config)
   num_levels = len(config.model.depths or models.PRESETS[config.model.name]["depths"])
   _per_level("model.remat", config.model.remat, num_levels, str, set(REMAT_POLICIES))
-  for c in _per_level("model.attention_chunks", config.model.attention_chunks, num_levels, int):
-    if c < 1:
-      _fail("model.attention_chunks", f"pieces must be >= 1, got {c}")
   if config.model.attention_impl not in ATTENTION_IMPLS:
     _fail("model.attention_impl", f"one of {ATTENTION_IMPLS}, got {config.model.attention_impl!r}")
   if config.model.attention_impl == "cudnn" and config.model.dtype != "bfloat16":

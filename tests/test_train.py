@@ -234,6 +234,9 @@ def test_batch_arithmetic_is_checked_before_anything_is_written(data_dir, tmp_pa
     ("mesh.zero", 5, "config.mesh.zero: must be 0, 1, 2 or 3"),
     ("model.dtype", "int8", "config.model.dtype: one of"),
     ("model.remat", "sometimes", "config.model.remat: 'sometimes' is not one of"),
+    ("model.attention_chunks", 0, "config.model.attention_chunks: pieces must be >= 1"),
+    ("model.attention_chunks", (1, 2), "config.model.attention_chunks: one int or one per "
+     "model level"),
     ("pretrain.mask_ratio", 1.5, "config.pretrain.mask_ratio"),
     ("finetune.img_size", 36, "config.finetune.img_size: image height 36"),
     ("finetune.warmup_steps", 10**6, "config.finetune.warmup_steps"),
@@ -253,6 +256,17 @@ def test_bad_config_values_name_the_key(key, value, message):
   with pytest.raises(config_lib.ConfigError) as error:
     config_lib.validate(config)
   assert str(error.value).startswith(message) and "\n" not in str(error.value)
+
+
+def test_a_per_level_setting_of_one_value_is_every_level():
+  """--config.model.remat=full on a config whose remat is a tuple gives ('full',): that is
+  one value for every level, in the checks and in the model."""
+  config = load_config("digits.py")
+  config.model.remat, config.model.attention_chunks = ("full",), (1,)
+  config_lib.validate(config)
+  args = config_lib.model_args(config, "finetune")
+  model = nnx.eval_shape(lambda: SwinTransformerV2(**args, num_classes=10))
+  assert all(level.remat == "full" for level in model.levels)
 
 
 def test_unknown_config_keys_are_rejected():

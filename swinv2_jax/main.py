@@ -126,6 +126,24 @@ def _load_config_file(spec: str) -> ml_collections.ConfigDict:
   return module.get_config(*([arg] if colon else []))
 
 
+# Settings that take a number or 'auto'. absl parses an override by the type of the config
+# file's value, so --config.finetune.accum_steps=auto over a file's 72 would fail as an int:
+# such overrides are taken off the command line and applied once the config is loaded.
+_AUTO_OVERRIDE = re.compile(r"^--config\.((?:pretrain|finetune)\.accum_steps)=(['\"]?)auto\2$")
+_auto_overrides: list[str] = []
+
+
+def _take_auto_overrides(argv) -> list[str]:
+  kept = []
+  for arg in argv:
+    match = _AUTO_OVERRIDE.match(arg)
+    if match:
+      _auto_overrides.append(match.group(1))
+    else:
+      kept.append(arg)
+  return kept
+
+
 def _check_overrides(config, keys) -> None:
   """Every --config.<key> names a setting of the config (ml_collections would raise a bare
   AttributeError from deep inside flag parsing)."""
@@ -170,6 +188,7 @@ def _flag_error(e: flags.Error) -> errors.UserError:
 def parse_flags(argv):
   """absl's flag parsing with user errors as `error: ...` lines (status 2)."""
   verbose = _bool_flag_requested(argv, ("verbose",))
+  argv = _take_auto_overrides(argv)
   try:
     _check_command_line(argv)
     return flags.FLAGS(argv)
@@ -209,9 +228,14 @@ def check_devices(config) -> None:
 
 def _config_value():
   try:
-    return _CONFIG.value
+    config = _CONFIG.value
   except OSError as e:  # ml_collections defers a config file's load error to this access
     raise errors.UserError(f"--config: {e}") from e
+  for key in _auto_overrides:
+    stage, leaf = key.split(".")
+    with config.ignore_type():
+      config[stage][leaf] = "auto"
+  return config
 
 
 def main(argv):

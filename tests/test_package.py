@@ -1,6 +1,7 @@
 """The package installs: `pip install -r requirements.txt` (README's first command) installs
 swinv2_jax itself, so it imports and runs from any directory, not only the repository root."""
 
+import json
 import os
 import subprocess
 import sys
@@ -25,6 +26,10 @@ def test_import_and_main_work_from_another_directory(tmp_path):
   result = _outside_the_repo(tmp_path, "-m", "swinv2_jax.main", f"--config={config}:tiny",
                              f"--workdir={tmp_path / 'plan'}", "--config.dry_run=True",
                              "--config.plan.num_devices=1", "--config.stages=('finetune',)",
-                             "--config.finetune.accum_steps=1", "--config.finetune.init=scratch")
+                             # 'auto' over the config file's int (absl would parse an int):
+                             "--config.finetune.accum_steps=auto",
+                             "--config.finetune.init=scratch")
   assert result.returncode == 0, result.stderr[-3000:]
-  assert (tmp_path / "plan" / "plan.json").exists()
+  with open(tmp_path / "plan" / "plan.json") as f:
+    finetune = json.load(f)["stages"]["finetune"]
+  assert (finetune["accum_steps"], finetune["microbatch_per_device"]) == (1, 16)  # all fits

@@ -19,7 +19,7 @@ from swinv2_jax.accelerators import ACCELERATORS  # plan.accelerator's keys
 from swinv2_jax import models
 from swinv2_jax.models import windows as win
 from swinv2_jax.models.layers import ATTENTION_IMPLS
-from swinv2_jax.models.swinv2 import REMAT_POLICIES, SwinTransformerV2
+from swinv2_jax.models.swinv2 import REMAT_POLICIES, SwinTransformerV2, per_level
 
 STAGES = ("pretrain", "finetune", "eval")
 TRAINING_STAGES = ("pretrain", "finetune")
@@ -237,11 +237,12 @@ def _check_keys(config, reference, prefix="", root=None):
 
 def _per_level(key, value, num_levels, kind, allowed=None):
   """One value for every level (also a sequence of one, as --config.model.remat=full gives
-  for a tuple setting), or one per level."""
-  values = [value] * num_levels if isinstance(value, kind) else list(value)
-  if len(values) == 1:
-    values = values * num_levels
-  if len(values) != num_levels or not all(isinstance(v, kind) for v in values):
+  for a tuple setting), or one per level: the model's broadcast, with the types checked."""
+  try:
+    values = per_level(value, num_levels, key)
+  except (TypeError, ValueError):
+    values = None
+  if values is None or not all(isinstance(v, kind) for v in values):
     _fail(key, f"one {kind.__name__} or one per model level ({num_levels}), got {value!r}")
   if allowed is not None:
     for v in values:

@@ -274,7 +274,7 @@ class EvalStep:
 # XLA's CPU backend hands matrix products, with the elementwise work and reductions around
 # them, to YNNPACK fusions. They pay in the train step (SwinV2-T at batch 8: 13% faster than
 # without) but not in a forward alone, which runs 5-16% faster with XLA's own product and loop
-# emitters, and steadier (README, "Benchmarks"). So the evaluation compiles without them on CPU.
+# emitters, and steadier (docs/performance.md). So the evaluation compiles without them on CPU.
 CPU_EVAL_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 

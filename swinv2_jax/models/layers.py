@@ -255,13 +255,13 @@ class WindowAttention(nnx.Module):
       out = jax.nn.dot_product_attention(windows(q), windows(k), windows(v), bias=bias,
                                          scale=1.0, implementation=self.implementation)
       return self.proj(out.reshape(b, nw, n, c))
-    # Logits accumulate in float32: at a logit scale of up to 100, bf16 logits would be
-    # quantised to steps of 0.5.
     # Heads before tokens first: the two products are then plain batched (N, d) x (d, N) and
     # (N, N) x (N, d) matrix products, where contracting the (N, h, d) layout in place made
     # XLA's CPU backend fuse strided products with the softmax at a third of the speed (the
     # attention core at SwinV2-T's first level: 86 -> 37 ms a forward, PyTorch 33).
     q, k, v = (t.swapaxes(2, 3) for t in (q, k, v))  # (b, nW, h, N, d)
+    # Logits accumulate in float32: at a logit scale of up to 100, bf16 logits would be
+    # quantised to steps of 0.5.
     logits = jnp.einsum("bwhnd,bwhmd->bwhnm", q, k, preferred_element_type=jnp.float32)
     logits = logits + position_bias
     if regions is not None:
